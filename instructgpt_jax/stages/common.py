@@ -1,0 +1,67 @@
+"""What every stage does first: validate, write config.json, mesh, tokenizer, writer, checkpointer."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from instructgpt_jax import configs
+from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.models import gpt
+from instructgpt_jax.train import sharding
+from instructgpt_jax.train.checkpoint import Checkpointer
+from instructgpt_jax.train.metrics import MetricWriter
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def prepare_workdir(config, workdir: str) -> str:
+    """Creates the workdir (clear error if impossible) and writes config.json into it."""
+    workdir = os.path.abspath(workdir)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror})") from e
+    return workdir
+
+
+def data_dir(config, workdir: str) -> str:
+    """Where tfds builds and the tokenizer cache live: config.data.dir, or WORKDIR/data."""
+    return os.path.abspath(config.data.dir or os.path.join(workdir, "data"))
+
+
+def describe_model(config) -> str:
+    cfg = gpt.GPTConfig.from_config(config.model)
+    n = gpt.count_params(cfg)
+    nominal = config.model.nominal_params
+    vs = f" (nominal {nominal / 1e6:,.0f}M, {100 * (n / nominal - 1):+.2f}%)" if nominal else ""
+    return (f"model {config.model.size}: {n:,} parameters{vs}; {cfg.n_layers} layers, d_model {cfg.d_model}, "
+            f"{cfg.n_heads} heads x {cfg.d_head}, context {cfg.max_len}, attention {cfg.attention.layers}")
+
+
+def setup(config, workdir: str):
+    """Validates the config against the devices and returns (workdir, mesh, writer, checkpointer)."""
+    configs.validate(config, jax.device_count())
+    workdir = prepare_workdir(config, workdir)
+    mesh = sharding.make_mesh(config)
+    log(describe_model(config))
+    log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es)")
+    writer = MetricWriter(workdir, config.stage)
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints)
+    return workdir, mesh, writer, checkpointer
+
+
+def save_json(path: str, obj) -> None:
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
