@@ -95,6 +95,9 @@ def test_demonstration_error_rate_matches_configuration():
     assert np.all(scores[scores < 1.0] > 0.0)  # mistakes are plausible slips, not garbage
     again = tasks.Labeler(error_rate=0.3, seed=0)
     assert [again.demonstrate(p) for p in prompts] == demos
+    always_wrong = tasks.Labeler(error_rate=1.0, seed=0)
+    for prompt in ["Word 1 of: cat\nAnswer:", "Repeat: cat\nAnswer:", "Sort the numbers: 1 1\nAnswer:"]:
+        assert 0.0 <= tasks.gold_score(prompt, always_wrong.demonstrate(prompt)) < 1.0
     perfect = tasks.Labeler(error_rate=0.0, seed=0)
     assert all(tasks.gold_score(p, perfect.demonstrate(p)) == 1.0 for p in prompts[:300])
 

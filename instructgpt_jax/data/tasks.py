@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -122,8 +123,9 @@ def _pick_credit(match: re.Match, answer: str, token: str) -> float:
 
 def _pick_near_miss(match: re.Match, answer: str, rng: np.random.Generator) -> str:
     items, target = _items(match), int(match["k"]) - 1
-    neighbours = [i for i in (target - 1, target + 1) if 0 <= i < len(items)]
-    return items[neighbours[int(rng.integers(len(neighbours)))]]
+    neighbours = [items[i] for i in (target - 1, target + 1) if 0 <= i < len(items)]
+    choices = neighbours or [w for w in WORDS if w != answer]  # a one-word list has no neighbour
+    return choices[int(rng.integers(len(choices)))]
 
 
 def _family(name, description, prefix, items_pattern, sample_items, solve_items, **single) -> _Family:
@@ -439,7 +441,7 @@ def calibrate_noise(target: float = TARGET_AGREEMENT, n_prompts: int = 20000, k:
 # ---------------------------------------------------------------------------------- JSONL files
 
 
-def write_jsonl(path: str, records: Iterable[dict]) -> int:
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write one JSON object per line; returns the number of lines."""
     count = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -449,20 +451,20 @@ def write_jsonl(path: str, records: Iterable[dict]) -> int:
     return count
 
 
-def write_prompts(path: str, n: int, split: str, seed: int, families: Iterable[str] | None = None) -> int:
+def write_prompts(path: str | os.PathLike, n: int, split: str, seed: int, families: Iterable[str] | None = None) -> int:
     """n {"prompt": ...} lines (the PPO / evaluation prompt format)."""
     return write_jsonl(path, ({"prompt": p} for p in sample_prompts(n, split, seed, families)))
 
 
-def write_demonstrations(path: str, n: int, split: str, labeler: Labeler, seed: int,
+def write_demonstrations(path: str | os.PathLike, n: int, split: str, labeler: Labeler, seed: int,
                          families: Iterable[str] | None = None) -> int:
     """n {"prompt", "completion"} lines written by `labeler` (the SFT format)."""
     prompts = sample_prompts(n, split, seed, families)
     return write_jsonl(path, ({"prompt": p, "completion": labeler.demonstrate(p)} for p in prompts))
 
 
-def write_comparisons(path: str, prompts: Sequence[str], responses: Sequence[Sequence[str]], labeler: Labeler,
-                      ended: Sequence[Sequence[bool]] | None = None) -> int:
+def write_comparisons(path: str | os.PathLike, prompts: Sequence[str], responses: Sequence[Sequence[str]],
+                      labeler: Labeler, ended: Sequence[Sequence[bool]] | None = None) -> int:
     """{"prompt", "responses": best first} lines for each prompt's K responses (the RM format);
     prompts left with < 2 distinct responses are skipped. Returns the number of lines."""
     ended = [None] * len(prompts) if ended is None else ended
