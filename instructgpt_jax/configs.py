@@ -145,7 +145,7 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=1000,
         batch_size=batch_size,  # global, in sequences
-        seq_len=c.model.get_ref("max_len"),
+        seq_len=c.model.max_len,
         log_every=25,
         eval_every=250,
         eval_batches=8,

@@ -81,7 +81,7 @@ def test_kv_cache_decoding_matches_the_full_forward_pass(model_and_params):
     tokens = jax.random.randint(jax.random.PRNGKey(2), (B, T), 4, 500)
     full = model.apply({"params": params}, tokens)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    cache = model.init(jax.random.PRNGKey(0), tokens[:, :P], positions[:, :P], decode=True)["cache"]
+    cache = gpt.init_cache(model, B)
     out, mut = model.apply({"params": params, "cache": cache}, tokens[:, :P], positions[:, :P], decode=True, mutable=["cache"])
     np.testing.assert_allclose(out, full[:, :P], atol=1e-5)
     for t in range(P, T):

@@ -118,6 +118,7 @@ class CausalSelfAttention(nn.Module):
         """Writes this call's keys/values at the cache cursor; returns the whole cache."""
         B, T, H, D = k.shape
         S = self.cfg.max_len
+        initialized = self.has_variable("cache", "key")
         zeros = lambda shape, dtype: (lambda: jnp.zeros(shape, dtype))  # noqa: E731
         ck = self.variable("cache", "key", zeros((B, S, H, D), k.dtype))
         cv = self.variable("cache", "value", zeros((B, S, H, D), v.dtype))
@@ -126,6 +127,8 @@ class CausalSelfAttention(nn.Module):
         cursor = self.variable("cache", "cursor", zeros((), jnp.int32))
         if kv_valid is None:
             kv_valid = jnp.ones((B, T), jnp.bool_)
+        if not initialized:  # model.init(decode=True) only creates the (empty) cache
+            return k, v, positions, kv_valid
         i = cursor.value
         ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
         cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
@@ -217,6 +220,13 @@ class GPT(nn.Module):
             real = jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size
             logits = jnp.where(real, logits, -1e9)
         return logits
+
+
+def init_cache(model: GPT, batch_size: int):
+    """An empty KV cache for `batch_size` sequences of up to cfg.max_len tokens (no parameters are built)."""
+    ones = jnp.ones((batch_size, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ones, ones, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def count_params(cfg: GPTConfig) -> int:
