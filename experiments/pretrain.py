@@ -7,13 +7,11 @@
 Sizes: test, tiny, mini (CPU / single GPU) and the GPT-3 table: small medium large xl 2.7b 6.7b 13b 175b.
 """
 from instructgpt_jax import configs
-from instructgpt_jax.data import pipeline
 
 
 def get_config(arg=None):
     arg = configs.parse_arg(arg, size="tiny", attention="dense", steps=0)
     c = configs.base_config("pretrain", arg.size)
-    pipeline.add_data_config(c)
     c.model.attention.layers = arg.attention
     if arg.size in configs.CPU_SIZES:
         # The embedded default: stdlib source (real code + docstrings) and the task suite, mixed by weight.
@@ -28,5 +26,8 @@ def get_config(arg=None):
         c.train.steps = arg.steps or int(300e9 // tokens_per_step)
         c.optim.warmup_steps = int(375e6 // tokens_per_step)
         c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 100, 2000, 2000
-    c.optim.decay_steps = c.train.steps if arg.size in configs.CPU_SIZES else int(260e9 // (c.train.batch_size * c.train.seq_len))
+    if arg.size in configs.CPU_SIZES:
+        c.optim.decay_steps = c.train.get_ref("steps")  # --config.train.steps=N stretches the schedule too
+    else:
+        c.optim.decay_steps = int(260e9 // (c.train.batch_size * c.train.seq_len))
     return c

@@ -71,6 +71,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         max_len, vocab = GPT3_CONTEXT, GPT2_VOCAB
     else:
         raise ConfigError(f"unknown model size {size!r} (key: size); known: {', '.join(SIZES)}")
+    attn = attention.default_config()
+    if max_len < GPT3_CONTEXT:  # scale the sparse patterns' lengths with the short CPU contexts
+        attn.update(block_size=max_len // 4, stride=max_len // 4, local_window=max_len // 2, fixed_c=max_len // 16)
     return ml_collections.ConfigDict(dict(
         size=size,
         nominal_params=nominal,
@@ -87,7 +90,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype; "bfloat16" on accelerators. Parameters are always float32.
         remat="none",  # none | full | dots
         vocab_pad_multiple=128,
-        attention=attention.default_config(),
+        attention=attn,
     ))
 
 
@@ -136,6 +139,8 @@ DEFAULT_RULES = (
 
 def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     """Everything a stage needs; experiment files change what they study."""
+    from instructgpt_jax.data import pipeline, tokenizer
+
     batch_size, lr = batch_and_lr(size)
     c = ml_collections.ConfigDict()
     c.stage = stage
@@ -159,6 +164,10 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
     c.parallelism = "mesh"
     c.sharding_rules = DEFAULT_RULES
     c.init = ml_collections.ConfigDict(dict(params=""))  # earlier stage's workdir to start from
+    c.data = pipeline.default_data_config()
+    c.tokenizer = tokenizer.default_tokenizer_config()
+    c.tokenizer.vocab_size = c.model.vocab_size
+    c.model.vocab_size = c.tokenizer.get_ref("vocab_size")  # one number: override either key
     return c
 
 
@@ -191,6 +200,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if o.nonfinite not in ("skip", "stop"):
         raise ConfigError(f"optim.nonfinite must be skip or stop, got {o.nonfinite!r}")
     attention.validate(m.attention, t.seq_len, m.n_heads)
+    if "data" in c:
+        from instructgpt_jax.data import pipeline, tokenizer
+
+        pipeline.validate_data_config(c.data)
+        tokenizer.validate_tokenizer_config(c.tokenizer)
     if num_devices is not None:
         validate_mesh(c, num_devices)
 

@@ -7,7 +7,7 @@ checkpoints) are printed as one line and exit with status 2.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file, optionally with :args.", lock_config=True)
@@ -26,6 +26,8 @@ def enable_compilation_cache() -> None:
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter out; --verbosity=0 shows it
     from instructgpt_jax import stages
     from instructgpt_jax.errors import UserError
     from instructgpt_jax.train import distributed

@@ -32,9 +32,15 @@ def prepare_workdir(config, workdir: str) -> str:
     return workdir
 
 
-def data_dir(config, workdir: str) -> str:
-    """Where tfds builds and the tokenizer cache live: config.data.dir, or WORKDIR/data."""
-    return os.path.abspath(config.data.dir or os.path.join(workdir, "data"))
+def load_tokenizer(config):
+    """The configured tokenizer (trained on the data mixture and cached when tokenizer.path is empty)."""
+    from instructgpt_jax.data import pipeline
+
+    tokenizer = pipeline.load_tokenizer(config.tokenizer, config.data)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ConfigError(f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces but "
+                          f"model.vocab_size={config.model.vocab_size}; set tokenizer.vocab_size / model.vocab_size to agree")
+    return tokenizer
 
 
 def describe_model(config) -> str:

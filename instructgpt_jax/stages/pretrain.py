@@ -23,8 +23,7 @@ def evaluate(eval_step, batches, n_batches, to_device, state) -> dict:
 
 def run(config, workdir: str):
     workdir, mesh, writer, checkpointer = common.setup(config, workdir)
-    tokenizer = pipeline.tokenizer_for(config, common.data_dir(config, workdir))
-    pipeline.check_vocab(config, tokenizer)
+    tokenizer = common.load_tokenizer(config)
     model = steps.build_model(config)
     tx = make_optimizer(config.optim)
     rules = sharding.rules(config)
@@ -38,13 +37,14 @@ def run(config, workdir: str):
         log=common.log,
     )
 
-    batch_sharding = {"tokens": sharding.batch_sharding(mesh)}
-    to_device = functools.partial(pipeline.to_global_batch, sharding=batch_sharding)
-    data_dir = common.data_dir(config, workdir)
-    train_batches = pipeline.lm_batches(config, tokenizer, data_dir, split="train")
+    to_device = functools.partial(pipeline.to_global_batch, sharding=sharding.batch_sharding(mesh))
+    batches = functools.partial(
+        pipeline.lm_batches, config.data, tokenizer, config.train.seq_len, config.train.batch_size,
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    train_batches = batches(split="train")
     if data_state:
         train_batches.set_state(data_state)
-    eval_batches = lambda: pipeline.lm_batches(config, tokenizer, data_dir, split="validation")  # noqa: E731
+    eval_batches = functools.partial(batches, split="validation")
 
     train_step = steps.make_pretrain_step(config, model, mesh, state_shardings)
     eval_step = steps.make_pretrain_eval_step(config, model, mesh, state_shardings.params)

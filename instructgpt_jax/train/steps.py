@@ -93,10 +93,8 @@ def pretrain_loss(model: gpt.GPT) -> LossFn:
 
 
 def make_pretrain_step(config, model, mesh, state_shardings):
-    batch = {"tokens": sharding.batch_sharding(mesh)}
-    return make_update_step(pretrain_loss(model), config, mesh, state_shardings, batch)
+    return make_update_step(pretrain_loss(model), config, mesh, state_shardings, sharding.batch_sharding(mesh))
 
 
 def make_pretrain_eval_step(config, model, mesh, params_shardings):
-    batch = {"tokens": sharding.batch_sharding(mesh)}
-    return make_eval_step(pretrain_loss(model), config, mesh, params_shardings, batch)
+    return make_eval_step(pretrain_loss(model), config, mesh, params_shardings, sharding.batch_sharding(mesh))
