@@ -178,7 +178,7 @@ def _start(ds: grain.IterDataset, num_workers: int) -> grain.DatasetIterator:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(_JsonStateIterDataset(ds))
+    return iter(with_json_state(ds))
 
 
 def _restore_tuples(state):
@@ -193,6 +193,11 @@ def _restore_tuples(state):
 
 def _slices_to_tuples(slices: Mapping) -> dict:
     return {k: tuple(v) for k, v in slices.items()}
+
+
+def with_json_state(ds: grain.IterDataset) -> grain.IterDataset:
+    """`ds` whose iterators accept a state that went through json.dumps / json.loads."""
+    return _JsonStateIterDataset(ds)
 
 
 class _JsonStateIterDataset(grain.IterDataset):
@@ -311,7 +316,7 @@ def sft_batches(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer_lib.To
     built = sources.build_jsonl_source("demonstrations", data_cfg)
     examples = _tokenized_demonstrations(data_cfg, built, split, tokenizer, seq_len, process_index, process_count)
     ds = _epochs(grain.MapDataset.source(examples), split, _seed(data_cfg.shuffle_seed, seed, process_index))
-    return _start(ds.batch(local_batch, drop_remainder=True).to_iter_dataset(), data_cfg.num_workers)
+    return _start(ds.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options()), data_cfg.num_workers)
 
 
 # ---------------------------------------------------------------------------------------------------
