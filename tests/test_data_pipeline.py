@@ -35,8 +35,8 @@ def data_cfg(tmp_path):
     cfg.validation_fraction = 0.2
     cfg.shuffle_window = 8
     cfg.sources = {
-        "small": sources.text_source_config("text", 0.6, path=corpus(tmp_path / "small", 2, "s")),
-        "large": sources.text_source_config("text", 0.4, path=corpus(tmp_path / "large", 200, "l")),
+        "small": pipeline.text_source_config("text", 0.6, path=corpus(tmp_path / "small", 2, "s")),
+        "large": pipeline.text_source_config("text", 0.4, path=corpus(tmp_path / "large", 200, "l")),
     }
     return cfg
 

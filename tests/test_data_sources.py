@@ -53,8 +53,8 @@ def test_every_kind_builds_offline_without_tensorflow(tmp_path, fake_tasks):
         write(corpus / f"sub{i % 2}" / f"doc{i}.txt", f"document {i}\n  indented line\n")
     cfg = data_config(
         tmp_path,
-        text=sources.text_source_config("text", 1.0, path=str(corpus)),
-        tasks=sources.text_source_config("tasks", 1.0, num_documents=30, num_validation_documents=5),
+        text=pipeline.text_source_config("text", 1.0, path=str(corpus)),
+        tasks=pipeline.text_source_config("tasks", 1.0, num_documents=30, num_validation_documents=5),
     )
     text = sources.build_text_source("text", cfg)
     docs = [ex for split in ("train", "validation") for ex in sources.read_examples(text, split)]
@@ -90,7 +90,7 @@ def test_split_is_a_deterministic_hash_of_the_relative_path(tmp_path):
     corpus = tmp_path / "corpus"
     for i in range(40):
         write(corpus / f"f{i:02d}.txt", f"text {i}")
-    cfg = data_config(tmp_path, c=sources.text_source_config("text", 1.0, path=str(corpus)))
+    cfg = data_config(tmp_path, c=pipeline.text_source_config("text", 1.0, path=str(corpus)))
     built = sources.build_text_source("c", cfg)
     validation = {ex["path"] for ex in sources.read_examples(built, "validation")}
     assert validation == {f"f{i:02d}.txt" for i in range(40) if sources.in_validation(f"f{i:02d}.txt", 0.3)}
@@ -101,7 +101,7 @@ def test_unchanged_inputs_are_reused_and_changed_inputs_rebuild(tmp_path):
     corpus = tmp_path / "corpus"
     write(corpus / "a.txt", "alpha")
     write(corpus / "b.txt", "beta")
-    cfg = data_config(tmp_path, c=sources.text_source_config("text", 1.0, path=str(corpus)))
+    cfg = data_config(tmp_path, c=pipeline.text_source_config("text", 1.0, path=str(corpus)))
     first = sources.build_text_source("c", cfg)
     info = os.path.join(first.directory, "dataset_info.json")
     built_at = os.stat(info).st_mtime_ns
@@ -115,7 +115,7 @@ def test_unchanged_inputs_are_reused_and_changed_inputs_rebuild(tmp_path):
 
 
 def test_stdlib_source_is_python_code_without_tests_or_site_packages(tmp_path):
-    cfg = data_config(tmp_path, stdlib=sources.text_source_config("stdlib", 1.0))
+    cfg = data_config(tmp_path, stdlib=pipeline.text_source_config("stdlib", 1.0))
     built = sources.build_text_source("stdlib", cfg)
     train = built.split("train")
     assert len(train) > 100
@@ -142,7 +142,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def test_a_prepared_tfds_dataset_is_a_text_source(tmp_path):
-    cfg = data_config(tmp_path, web=sources.text_source_config(
+    cfg = data_config(tmp_path, web=pipeline.text_source_config(
         "tfds", 1.0, path="local_corpus", text_feature="content", validation_split="test"))
     LocalCorpus(data_dir=cfg.dir, file_format="array_record").download_and_prepare()
     built = sources.build_text_source("web", cfg)
@@ -178,7 +178,7 @@ def test_non_utf8_text_file_names_file_and_line(tmp_path):
     corpus = tmp_path / "corpus"
     write(corpus / "good.txt", "fine")
     write(corpus / "latin1.txt", "first line\nsecond line caf\xe9\n".encode("latin-1"))
-    cfg = data_config(tmp_path, c=sources.text_source_config("text", 1.0, path=str(corpus)))
+    cfg = data_config(tmp_path, c=pipeline.text_source_config("text", 1.0, path=str(corpus)))
     with pytest.raises(DataError, match="latin1.txt:2: not valid UTF-8"):
         sources.build_text_source("c", cfg)
 
@@ -203,7 +203,7 @@ def test_skip_mode_counts_undecodable_text_files(tmp_path):
     write(corpus / "b.txt", "beta")
     write(corpus / "empty.py", "")
     write(corpus / "bad.txt", b"\xff")
-    cfg = data_config(tmp_path, c=sources.text_source_config("text", 1.0, path=str(corpus)))
+    cfg = data_config(tmp_path, c=pipeline.text_source_config("text", 1.0, path=str(corpus)))
     cfg.on_bad_record = "skip"
     built = sources.build_text_source("c", cfg)
     assert built.bad_records == 1

@@ -23,7 +23,7 @@ SOURCE_KEY = "source"  # per-sequence index of the source it came from, for meas
 
 
 def mixture_weights(data_cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """Normalised weights of the sources that take part (weight > 0), in config order."""
+    """Normalised weights of the sources that take part (weight > 0), by name (ConfigDict order)."""
     weights = {name: float(src.weight) for name, src in data_cfg.sources.items()}
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise ConfigError(f"data.sources.*.weight={weights}: must be non-negative and not all zero")
@@ -65,11 +65,9 @@ def mix(streams: Mapping[str, grain.IterDataset], weights: Mapping[str, float]) 
     return grain.IterDataset.mix(dict(streams), {name: weights[name] for name in streams})
 
 
-def realised_mixture(source_ids: Iterable[int] | np.ndarray, names: Iterable[str]) -> dict[str, float]:
-    """Fraction of sequences that came from each source, from the `source` field of the batches seen."""
+def realised_mixture(source_ids: Iterable[np.ndarray], names: Iterable[str]) -> dict[str, float]:
+    """Fraction of sequences that came from each source, given the `source` arrays of the batches seen."""
     names = list(names)
-    ids = np.concatenate([np.ravel(np.asarray(s)) for s in source_ids]) if not isinstance(
-        source_ids, np.ndarray) else source_ids.ravel()
-    counts = np.bincount(ids, minlength=len(names))
+    counts = np.bincount(np.concatenate([np.ravel(ids) for ids in source_ids]), minlength=len(names))
     total = max(int(counts.sum()), 1)
     return {name: float(counts[i]) / total for i, name in enumerate(names)}

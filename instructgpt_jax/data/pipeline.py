@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -22,6 +23,38 @@ from instructgpt_jax.data import mixture, sources, tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation")
+STDLIB_EXCLUDE = "site-packages,dist-packages,test,tests,idle_test,__pycache__"
+
+
+def text_source_config(kind: str, weight: float, **overrides: Any) -> ml_collections.ConfigDict:
+    """One entry of `data.sources`, with the keys its kind reads (overrides must be among them)."""
+    per_kind = {
+        "text": dict(path="", glob="**/*", exclude=""),
+        "stdlib": dict(path="", glob="**/*.py", exclude=STDLIB_EXCLUDE),
+        "tasks": dict(seed=0, num_documents=20_000, num_validation_documents=500),
+        "tfds": dict(path="", text_feature="text", train_split="train", validation_split="validation"),
+    }
+    if kind not in per_kind:
+        raise ConfigError(f"data.sources.*.kind={kind!r}: expected one of {sources.TEXT_KINDS}")
+    fields = dict(kind=kind, weight=weight, **per_kind[kind])
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ConfigError(f"data.sources ({kind}): unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def validate_source_config(name: str, src: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first impossible `data.sources.<name>.*` value."""
+    key = f"data.sources.{name}"
+    if src.get("kind") not in sources.TEXT_KINDS:
+        raise ConfigError(f"{key}.kind={src.get('kind')!r}: expected one of {sources.TEXT_KINDS}")
+    if not src.weight >= 0:
+        raise ConfigError(f"{key}.weight={src.weight}: must be non-negative")
+    if src.kind in ("text", "tfds") and not src.path:
+        raise ConfigError(f"{key}.path: required for kind {src.kind!r}")
+    if src.kind == "tasks" and min(src.num_documents, src.num_validation_documents) <= 0:
+        raise ConfigError(f"{key}.num_documents and .num_validation_documents: must be positive")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -30,8 +63,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         dict(
             dir="~/.cache/instructgpt_jax/data",  # tfds builds and the trained tokenizer live here
             sources=dict(
-                stdlib=sources.text_source_config("stdlib", 0.6),
-                tasks=sources.text_source_config("tasks", 0.4),
+                stdlib=text_source_config("stdlib", 0.6),
+                tasks=text_source_config("tasks", 0.4),
             ),
             shuffle_seed=0,
             on_bad_record="error",  # or "skip": skip malformed records and count them
@@ -64,7 +97,7 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     if not data_cfg.sources:
         raise ConfigError("data.sources: no sources configured")
     for name, src in data_cfg.sources.items():
-        sources.validate_source_config(name, src)
+        validate_source_config(name, src)
     mixture.mixture_weights(data_cfg)
 
 
@@ -138,7 +171,7 @@ def source_sequences(built: sources.BuiltSource, split: str, tokenizer: tokenize
 
 
 def build_mixture_sources(data_cfg: ml_collections.ConfigDict) -> dict[str, sources.BuiltSource]:
-    """Builds (or reuses) every source with a positive weight, in config order."""
+    """Builds (or reuses) every source with a positive weight, in `mixture_weights` (name) order."""
     validate_data_config(data_cfg)
     return {name: sources.build_text_source(name, data_cfg) for name in mixture.mixture_weights(data_cfg)}
 

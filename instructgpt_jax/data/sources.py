@@ -12,12 +12,14 @@ already prepared under `data.dir`, and JSONL demonstrations, comparisons and pro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import glob as globlib
 import hashlib
 import importlib
 import inspect
+import io
 import itertools
 import json
 import logging as pylogging
@@ -35,49 +37,18 @@ from instructgpt_jax.errors import ConfigError, DataError
 
 TEXT_KINDS = ("text", "stdlib", "tasks", "tfds")
 JSONL_KINDS = ("demonstrations", "comparisons", "prompts")
-STDLIB_EXCLUDE = "site-packages,dist-packages,test,tests,idle_test,__pycache__"
 
 
-class _QuietCustomConfigs(pylogging.Filter):
-    """Every builder here uses a custom (hash-named) config, which tfds warns about on each load."""
+class _QuietExpectedWarnings(pylogging.Filter):
+    """tfds warns on every load that our hash-named configs are custom, and on every fresh build that the
+    version folder has no dataset_info.json yet: both are expected here."""
 
     def filter(self, record):
-        return not record.getMessage().startswith("Using custom data configuration")
+        return not record.getMessage().startswith(("Using custom data configuration", "Variant folder"))
 
 
-pylogging.getLogger("absl").addFilter(_QuietCustomConfigs())
+pylogging.getLogger("absl").addFilter(_QuietExpectedWarnings())
 tfds.disable_progress_bar()
-
-
-def text_source_config(kind: str, weight: float, **overrides: Any) -> ml_collections.ConfigDict:
-    """One entry of `data.sources`, with the keys its kind reads (overrides must be among them)."""
-    per_kind = {
-        "text": dict(path="", glob="**/*", exclude=""),
-        "stdlib": dict(path="", glob="**/*.py", exclude=STDLIB_EXCLUDE),
-        "tasks": dict(seed=0, num_documents=20_000, num_validation_documents=500),
-        "tfds": dict(path="", text_feature="text", train_split="train", validation_split="validation"),
-    }
-    if kind not in per_kind:
-        raise ConfigError(f"data.sources.*.kind={kind!r}: expected one of {TEXT_KINDS}")
-    fields = dict(kind=kind, weight=weight, **per_kind[kind])
-    unknown = set(overrides) - set(fields)
-    if unknown:
-        raise ConfigError(f"data.sources ({kind}): unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    fields.update(overrides)
-    return ml_collections.ConfigDict(fields)
-
-
-def validate_source_config(name: str, src: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first impossible `data.sources.<name>.*` value."""
-    key = f"data.sources.{name}"
-    if src.get("kind") not in TEXT_KINDS:
-        raise ConfigError(f"{key}.kind={src.get('kind')!r}: expected one of {TEXT_KINDS}")
-    if not src.weight >= 0:
-        raise ConfigError(f"{key}.weight={src.weight}: must be non-negative")
-    if src.kind in ("text", "tfds") and not src.path:
-        raise ConfigError(f"{key}.path: required for kind {src.kind!r}")
-    if src.kind == "tasks" and min(src.num_documents, src.num_validation_documents) <= 0:
-        raise ConfigError(f"{key}.num_documents and .num_validation_documents: must be positive")
 
 
 def data_dir(data_cfg: ml_collections.ConfigDict) -> str:
@@ -408,7 +379,8 @@ class BuiltSource:
 def _prepare(builder: tfds.core.DatasetBuilder, name: str) -> BuiltSource:
     if not builder.is_prepared():
         logging.info("Building data source %r into %s", name, builder.data_dir)
-        builder.download_and_prepare()
+        with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading and preparing..."
+            builder.download_and_prepare()
     bad = int(builder.info.metadata.get("bad_records", 0)) if builder.info.metadata is not None else 0
     if bad:
         logging.warning("Data source %r: skipped %d bad records, e.g. %s", name, bad,
