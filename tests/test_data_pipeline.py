@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from instructgpt_jax.data import mixture, pipeline, sources, tokenizer as tokenizer_lib
+from instructgpt_jax.data import mixture, pipeline, tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError, DataError
 
 SEQ_LEN = 16
