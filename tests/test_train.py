@@ -118,3 +118,28 @@ def test_restoring_a_checkpoint_of_another_shape_names_the_directory(tmp_path):
     abstract, _ = sharding.abstract_init(other, mesh, sharding.rules(c), jax.random.PRNGKey(0))
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         checkpoint.Checkpointer(str(tmp_path)).restore(abstract)
+
+
+def test_dry_run_plans_a_mesh_larger_than_the_devices_without_allocating(capsys):
+    from instructgpt_jax.stages import pretrain
+
+    c = configs.base_config("pretrain", "test")
+    c.dry_run = True
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 16, 8, 4  # 512 devices; 8 are present
+    c.train.batch_size = 128
+    plan = pretrain.run(c, "/nonexistent/never/created")
+    assert plan["mesh"] == {"data": 16, "fsdp": 8, "tensor": 4} and "xla_temp_gib" not in plan
+    full_bytes = 136_960 * 4  # matrices split 8 (fsdp) x 4 (tensor) ways; biases and gains less
+    assert full_bytes / 64 < plan["params_gib"] * 2**30 < full_bytes / 8
+    assert plan["optimizer_gib"] == pytest.approx(2 * plan["params_gib"], rel=0.05)  # Adam mu and nu
+    assert "dry run on a {'data': 16, 'fsdp': 8, 'tensor': 4} mesh (512 devices)" in capsys.readouterr().out
+
+
+def test_dry_run_compiles_when_the_mesh_fits():
+    from instructgpt_jax.stages import pretrain
+
+    c = configs.base_config("pretrain", "test")
+    c.dry_run = True
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    plan = pretrain.run(c, "/nonexistent/never/created")
+    assert plan["xla_temp_gib"] > 0

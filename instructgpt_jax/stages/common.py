@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -63,6 +64,25 @@ def setup(config, workdir: str):
     writer = MetricWriter(workdir, config.stage)
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints)
     return workdir, mesh, writer, checkpointer
+
+
+def dry_run(config, init_boxed, make_step, abstract_batch) -> dict:
+    """--config.dry_run=True: shapes, per-device memory and an AOT-lowered step; nothing allocated.
+
+    make_step(mesh, state_shardings) -> the stage's jitted step. The mesh may exceed the devices here."""
+    from instructgpt_jax.train import dry_run as planner
+
+    configs.validate(config)
+    log(describe_model(config))
+    mesh_sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    fits = -1 in mesh_sizes or math.prod(mesh_sizes) <= jax.device_count()
+    mesh = sharding.make_mesh(config, jax.devices()[:math.prod(mesh_sizes)] if -1 not in mesh_sizes else None) \
+        if fits else sharding.abstract_mesh(config)
+    rules = sharding.rules(config)
+    abstract_state, shardings = sharding.abstract_init(init_boxed, mesh, rules, jax.random.PRNGKey(config.seed))
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding), abstract_batch)
+    return planner.report(config, mesh, abstract_state, make_step(mesh, shardings), batch, log=log)
 
 
 def save_json(path: str, obj) -> None:

@@ -22,6 +22,12 @@ def evaluate(eval_step, batches, n_batches, to_device, state) -> dict:
 
 
 def run(config, workdir: str):
+    if config.dry_run:
+        model = steps.build_model(config)
+        init = steps.init_state_fn(model, make_optimizer(config.optim), config.train.seq_len)
+        tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), np.int32)
+        return common.dry_run(config, init, lambda mesh, shardings: steps.make_pretrain_step(config, model, mesh, shardings),
+                              {"tokens": tokens})
     workdir, mesh, writer, checkpointer = common.setup(config, workdir)
     tokenizer = common.load_tokenizer(config)
     model = steps.build_model(config)

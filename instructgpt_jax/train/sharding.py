@@ -7,11 +7,12 @@ Sharding is declared, never hand-placed: parameters carry logical axis names
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from instructgpt_jax import configs
 
@@ -30,10 +31,23 @@ def rules(config) -> tuple:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.sharding_rules)
 
 
+def abstract_mesh(config) -> AbstractMesh:
+    """The configured mesh without devices (dry runs: plan a 175B run on a laptop).
+
+    -1 fills the local device count; explicit sizes may exceed the devices present."""
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        sizes = [max(1, jax.device_count() // known) if s == -1 else s for s in sizes]
+    configs.validate_mesh(config, math.prod(sizes))
+    return AbstractMesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 @contextlib.contextmanager
-def sharding_context(mesh: Mesh, axis_rules):
+def sharding_context(mesh: Mesh | AbstractMesh, axis_rules):
     """Makes `nn.with_logical_constraint` inside the model resolve against this mesh."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    mesh_context = jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh) else jax.set_mesh(mesh)
+    with mesh_context, nn.logical_axis_rules(axis_rules):
         yield
 
 

@@ -38,7 +38,7 @@ def init_state_fn(model: gpt.GPT, tx: optax.GradientTransformation, seq_len: int
 
 def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema_decay: float | None = None):
     """One optimizer update; a non-finite gradient leaves params and optimizer state unchanged."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
