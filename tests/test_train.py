@@ -143,3 +143,35 @@ def test_dry_run_compiles_when_the_mesh_fits():
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     plan = pretrain.run(c, "/nonexistent/never/created")
     assert plan["xla_temp_gib"] > 0
+
+
+def test_pmap_path_equals_the_mesh_path(single_device):
+    from instructgpt_jax.train import pmap
+
+    loss1, params1, _ = single_device
+    c, mesh, model, _, state, _ = build((1, 1, 1), 1)
+    step = pmap.make_pmap_update_step(steps.pretrain_loss(model), c)
+    replicated = pmap.replicate(jax.device_get(state))
+    for i in range(2):
+        replicated, metrics = step(replicated, {"tokens": np.asarray(tokens(i))})
+    assert float(metrics["loss"]) == pytest.approx(loss1, abs=1e-5)
+    params8 = pmap.unreplicate(jax.device_get(replicated.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params1, params8)
+
+
+def test_pmap_weights_devices_by_their_token_counts():
+    from instructgpt_jax.train import pmap
+
+    c, mesh, model, _, state, _ = build((1, 1, 1), 1)
+
+    def masked_loss(params, batch, rng):  # mean over a per-device number of tokens
+        x = params["ln_f"]["scale"][0] * batch["x"]
+        return (x * batch["m"]).sum() / batch["m"].sum(), {"weight": batch["m"].sum()}
+
+    x = np.arange(8, dtype=np.float32)[:, None].repeat(4, 1)
+    m = np.zeros((8, 4), np.float32)
+    m[0] = 1.0  # device 0 counts four tokens, device d > 0 one token
+    m[1:, 0] = 1.0
+    step = pmap.make_pmap_update_step(masked_loss, c)
+    _, metrics = step(pmap.replicate(jax.device_get(state)), {"x": x, "m": m})
+    assert float(metrics["loss"]) == pytest.approx((x * m).sum() / m.sum())
