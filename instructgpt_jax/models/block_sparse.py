@@ -8,14 +8,14 @@ order, but becomes block-diagonal once tokens are sorted by i mod l.
 
 For each component, numpy derives a static plan at trace time:
   1. block activity: which (query block, key block) pairs contain at least one allowed token pair;
-  2. packing into a [rows, slots] grid. Each row serves one query block (banded layouts), or two
-     query blocks whose key lists are concatenated (triangular layouts: the longest list shares a row
-     with the shortest, so padding stays small), `segment` telling the two apart; slots past a
-     row's lists are padding with valid=False.
-The computation gathers the K/V (and, for two-segment rows, Q) blocks of every slot, computes
-scores only for those, applies the exact token mask inside each block, and returns the
-unnormalised softmax pieces (numerator, denominator, row max) so that components merge exactly.
-FLOPs and memory are proportional to the number of slots, i.e. to the block density.
+  2. buckets: query blocks sorted by how many key blocks they need and cut into a few buckets;
+     a bucket is a [rows, slots] grid, one row per query block, as wide as its longest key list
+     (shorter lists padded with valid=False). Banded layouts give one bucket; triangular ones
+     (dense causal, the reordered A2 parts) a few, so padding stays ~1/(2 x buckets).
+The computation gathers the K/V blocks of every slot, computes scores only for those (one
+[b, D] x [D, slots*b] product per row), applies the exact token mask inside each block, and
+returns the unnormalised softmax pieces (numerator, denominator, row max) so that components
+merge exactly. FLOPs and memory are proportional to the number of slots, i.e. to the block density.
 """
 from __future__ import annotations
 
@@ -26,7 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NEG = -1e30  # finite "minus infinity": exp(NEG - m) == 0 for any real row max m
+NEG = -1e30  # finite "minus infinity" for masked scores
+MAX_FLOOR = 0.5 * NEG  # row max never below this: exp(NEG - max) == 0 even in a row with no allowed key
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Bucket:
+    """Query blocks served by one [rows, slots] grid."""
+    row_blocks: np.ndarray  # [R] query block (in the component's q_order) of each row
+    k_block: np.ndarray  # [R, M] key block (in k_order) gathered into each slot
+    valid: np.ndarray  # [R, M] False for padding slots
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -36,20 +45,12 @@ class ComponentPlan:
     q_order: np.ndarray  # [T] position of the query at index p of the component's order
     k_order: np.ndarray  # [T] likewise for keys
     block: int
-    q_block: np.ndarray  # [R, M] query block (in q_order) served by each slot
-    k_block: np.ndarray  # [R, M] key block (in k_order) gathered into each slot
-    valid: np.ndarray  # [R, M] False for padding slots
-    segment: np.ndarray  # [R, M] which of the row's query blocks the slot belongs to
-    row_blocks: np.ndarray  # [R, G] query blocks of each row; -1 marks an unused segment
+    buckets: tuple[Bucket, ...]
     active_blocks: int  # (query block, key block) pairs with at least one allowed token pair
 
     @property
-    def groups(self) -> int:
-        return self.row_blocks.shape[1]
-
-    @property
     def slots(self) -> int:
-        return self.k_block.size
+        return sum(bucket.k_block.size for bucket in self.buckets)
 
 
 def is_identity(order: np.ndarray) -> bool:
@@ -69,53 +70,49 @@ def block_activity(mask_fn, q_order, k_order, block: int) -> np.ndarray:
     return activity
 
 
-def _pairs_longest_with_shortest(counts: np.ndarray) -> list[tuple[int, ...]]:
-    order = np.argsort(-counts, kind="stable")
-    n = len(order)
-    pairs = [(int(order[a]), int(order[n - 1 - a])) for a in range(n // 2)]
-    if n % 2:
-        pairs.append((int(order[n // 2]),))
-    return pairs
+def _bucket_sizes(sorted_counts: np.ndarray, max_buckets: int, bucket_cost: float) -> list[int]:
+    """Cut ascending counts into <= max_buckets runs minimising sum(len(run) * max(run)) plus
+    bucket_cost per run (dynamic programming over cut points)."""
+    n = len(sorted_counts)
+    width = np.maximum(sorted_counts, 1)
+    best = np.full((max_buckets + 1, n + 1), np.inf)
+    cut = np.zeros((max_buckets + 1, n + 1), int)
+    best[0, 0] = 0.0
+    for k in range(1, max_buckets + 1):
+        for end in range(1, n + 1):
+            costs = [best[k - 1, start] + (end - start) * width[end - 1] + bucket_cost for start in range(end)]
+            cut[k, end] = int(np.argmin(costs))
+            best[k, end] = costs[cut[k, end]]
+    k, end, sizes = int(np.argmin(best[:, n])), n, []
+    while end > 0:
+        sizes.append(end - cut[k, end])
+        end, k = cut[k, end], k - 1
+    return sizes[::-1]
 
 
-def pack_rows(activity: np.ndarray):
-    """Grid of slots for an activity matrix; see the module docstring. Returns numpy arrays
-    (q_block, k_block, valid, segment, row_blocks)."""
+def pack_buckets(activity: np.ndarray, max_buckets: int = 8) -> tuple[Bucket, ...]:
+    """Buckets of query blocks with similar key-block counts; see the module docstring."""
     n_q = activity.shape[0]
     key_lists = [np.flatnonzero(row) for row in activity]
     counts = np.array([len(keys) for keys in key_lists])
-    single_width = max(1, int(counts.max()))
-    pairs = _pairs_longest_with_shortest(counts)
-    paired_width = max(1, max(int(sum(counts[qb] for qb in pair)) for pair in pairs))
-    if n_q >= 2 and len(pairs) * paired_width < 0.8 * n_q * single_width:
-        rows, width = pairs, paired_width
-    else:
-        rows, width = [(qb,) for qb in range(n_q)], single_width
-    groups = max(len(row) for row in rows)
-    shape = (len(rows), width)
-    q_block, k_block = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-    valid, segment = np.zeros(shape, bool), np.zeros(shape, np.int32)
-    row_blocks = np.full((len(rows), groups), -1, np.int32)
-    for r, row in enumerate(rows):
-        q_block[r, :] = row[0]
-        col = 0
-        for g, qb in enumerate(row):
-            row_blocks[r, g] = qb
-            keys = key_lists[qb]
-            q_block[r, col:col + len(keys)] = qb
-            k_block[r, col:col + len(keys)] = keys
-            valid[r, col:col + len(keys)] = True
-            segment[r, col:col + len(keys)] = g
-            col += len(keys)
-    return q_block, k_block, valid, segment, row_blocks
+    by_count = np.argsort(counts, kind="stable")
+    buckets, start = [], 0
+    for size in _bucket_sizes(counts[by_count], max_buckets, bucket_cost=max(1.0, n_q / 4)):
+        rows = np.sort(by_count[start:start + size])
+        start += size
+        width = max(1, int(counts[rows].max()))
+        k_block, valid = np.zeros((size, width), np.int32), np.zeros((size, width), bool)
+        for r, qb in enumerate(rows):
+            k_block[r, :counts[qb]] = key_lists[qb]
+            valid[r, :counts[qb]] = True
+        buckets.append(Bucket(rows.astype(np.int32), k_block, valid))
+    return tuple(buckets)
 
 
 def plan_component(mask_fn, q_order, k_order, block: int) -> ComponentPlan:
     q_order, k_order = np.asarray(q_order), np.asarray(k_order)
     activity = block_activity(mask_fn, q_order, k_order, block)
-    q_block, k_block, valid, segment, row_blocks = pack_rows(activity)
-    return ComponentPlan(mask_fn, q_order, k_order, block, q_block, k_block, valid, segment,
-                         row_blocks, int(activity.sum()))
+    return ComponentPlan(mask_fn, q_order, k_order, block, pack_buckets(activity), int(activity.sum()))
 
 
 def _reorder(x, order: np.ndarray):
@@ -123,65 +120,43 @@ def _reorder(x, order: np.ndarray):
     return x if is_identity(order) else x[:, order]
 
 
-def _slot_mask(plan: ComponentPlan):
-    """Exact token mask of every slot, [R, M, b, b] (query, key): the pattern inside the block."""
+def _slot_mask(plan: ComponentPlan, bucket: Bucket):
+    """Exact token mask of every row and slot, [R, b, M*b] (query, key): the pattern in the blocks."""
     b = plan.block
-    q_pos = jnp.asarray(plan.q_order.reshape(-1, b)[plan.q_block])  # [R, M, b]
-    k_pos = jnp.asarray(plan.k_order.reshape(-1, b)[plan.k_block])
-    allowed = plan.mask_fn(q_pos[..., :, None], k_pos[..., None, :])
-    return allowed & jnp.asarray(plan.valid)[..., None, None]
+    q_pos = jnp.asarray(plan.q_order.reshape(-1, b)[bucket.row_blocks])  # [R, b]
+    k_pos = jnp.asarray(plan.k_order.reshape(-1, b)[bucket.k_block].reshape(len(bucket.row_blocks), -1))
+    valid = jnp.asarray(np.repeat(bucket.valid, b, axis=1))  # [R, M*b]
+    return plan.mask_fn(q_pos[:, :, None], k_pos[:, None, :]) & valid[:, None, :]
 
 
-# Batched matmuls keep a single batch dimension (N = batch*heads*rows[*slots]): XLA:CPU runs
-# dots with several batch dimensions at about half the speed.
-
-def _one_segment_rows(plan, q_blocks, k_slots, v_slots):
-    """Rows serving one query block each: one [b, D] x [D, M*b] product per row.
-    q_blocks [N, Tb, b, D]; k_slots, v_slots [N, R, M, b, D]. Returns [N, R, G=1, b(, D)] pieces."""
-    N, R, M, b, D = k_slots.shape
-    rows_q = q_blocks if is_identity(plan.row_blocks[:, 0]) else q_blocks[:, plan.row_blocks[:, 0]]
-    mask = jnp.swapaxes(_slot_mask(plan), 1, 2).reshape(R, b, M * b)
-    s = jnp.einsum("nqd,nkd->nqk", rows_q.reshape(N * R, b, D), k_slots.reshape(N * R, M * b, D),
+def _bucket_attention(plan: ComponentPlan, bucket: Bucket, q_blocks, k_blocks, v_blocks):
+    """Softmax pieces of one bucket's rows: one [b, D] x [D, M*b] product per row.
+    q/k/v_blocks [N, T/b, b, D] (N = batch*heads). Matmuls keep a single batch dimension
+    (N*R): XLA:CPU runs dots with several batch dimensions at about half the speed."""
+    N, _, b, D = q_blocks.shape
+    R, M = bucket.k_block.shape
+    all_rows_in_order = R == q_blocks.shape[1] and is_identity(bucket.row_blocks)
+    rows_q = q_blocks if all_rows_in_order else q_blocks[:, bucket.row_blocks]
+    k_slots = k_blocks[:, bucket.k_block].reshape(N * R, M * b, D)
+    v_slots = v_blocks[:, bucket.k_block].reshape(N * R, M * b, D)
+    mask = _slot_mask(plan, bucket)
+    s = jnp.einsum("nqd,nkd->nqk", rows_q.reshape(N * R, b, D), k_slots,
                    preferred_element_type=jnp.float32).reshape(N, R, b, M * b)
     s = jnp.where(mask, s, NEG)
-    m = jax.lax.stop_gradient(s.max(axis=-1))  # softmax is invariant to the shift
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    m = jax.lax.stop_gradient(jnp.maximum(s.max(axis=-1), MAX_FLOOR))  # softmax ignores the shift
+    p = jnp.exp(s - m[..., None])  # masked entries: exp(NEG - m) == 0 exactly
     denom = p.sum(axis=-1)
-    num = jnp.einsum("nqk,nkd->nqd", p.astype(v_slots.dtype).reshape(N * R, b, M * b),
-                     v_slots.reshape(N * R, M * b, D), preferred_element_type=jnp.float32)
-    return num.reshape(N, R, 1, b, D), denom[:, :, None], m[:, :, None]
-
-
-def _two_segment_rows(plan, q_blocks, k_slots, v_slots):
-    """Rows serving two query blocks: per-slot [b, D] x [D, b] products, reductions per segment."""
-    N, R, M, b, D = k_slots.shape
-    q_slots = q_blocks[:, plan.q_block]  # [N, R, M, b, D]
-    mask = _slot_mask(plan)  # [R, M, b, b]
-    in_segment = jnp.asarray(plan.segment[..., None] == np.arange(plan.groups))  # [R, M, G]
-    s = jnp.einsum("nqd,nkd->nqk", q_slots.reshape(-1, b, D), k_slots.reshape(-1, b, D),
-                   preferred_element_type=jnp.float32).reshape(N, R, M, b, b)
-    s = jnp.where(mask, s, NEG)
-    slot_max = s.max(axis=-1)  # [N, R, M, b]
-    m = jnp.where(in_segment[..., None], slot_max[:, :, :, None], NEG).max(axis=2)  # [N, R, G, b]
-    m = jax.lax.stop_gradient(m)
-    m_of_slot = jnp.take_along_axis(m, jnp.asarray(plan.segment)[None, :, :, None], axis=2)
-    p = jnp.where(mask, jnp.exp(s - m_of_slot[..., None]), 0.0)
-    seg = in_segment.astype(jnp.float32)
-    denom = jnp.einsum("nrmq,rmg->nrgq", p.sum(axis=-1), seg)
-    pv = jnp.einsum("nqk,nkd->nqd", p.astype(v_slots.dtype).reshape(-1, b, b), v_slots.reshape(-1, b, D),
-                    preferred_element_type=jnp.float32).reshape(N, R, M, b, D)
-    num = jnp.einsum("nrmqd,rmg->nrgqd", pv, seg)
-    return num, denom, m
+    num = jnp.einsum("nqk,nkd->nqd", p.astype(v_slots.dtype).reshape(N * R, b, M * b), v_slots,
+                     preferred_element_type=jnp.float32)
+    return num.reshape(N, R * b, D), denom.reshape(N, R * b), m.reshape(N, R * b)
 
 
 def _natural_token_index(plan: ComponentPlan) -> np.ndarray:
-    """[T] index into the flattened (row, segment, position-in-block) outputs of natural token t."""
-    b, groups = plan.block, plan.groups
-    flat_of_block = np.zeros(len(plan.q_order) // b, np.int64)
-    for r, row in enumerate(plan.row_blocks):
-        for g, qb in enumerate(row):
-            if qb >= 0:
-                flat_of_block[qb] = (r * groups + g) * b
+    """[T] index into the buckets' concatenated row outputs of natural token t."""
+    b = plan.block
+    rows = np.concatenate([bucket.row_blocks for bucket in plan.buckets])
+    flat_of_block = np.empty(len(rows), np.int64)
+    flat_of_block[rows] = np.arange(len(rows)) * b
     flat_of_index = (flat_of_block[:, None] + np.arange(b)[None]).reshape(-1)
     natural_index = np.empty_like(flat_of_index)
     natural_index[plan.q_order] = flat_of_index  # token q_order[p] sits at component index p
@@ -193,14 +168,10 @@ def component_attention(plan: ComponentPlan, q, k, v):
     component's softmax pieces in natural order: numerator [N, T, D] (f32), denominator [N, T],
     row max [N, T]."""
     N, T, D = q.shape
-    b = plan.block
-    q_blocks = _reorder(q, plan.q_order).reshape(N, T // b, b, D)
-    k_slots = _reorder(k, plan.k_order).reshape(N, T // b, b, D)[:, plan.k_block]
-    v_slots = _reorder(v, plan.k_order).reshape(N, T // b, b, D)[:, plan.k_block]
-    rows = _one_segment_rows if plan.groups == 1 else _two_segment_rows
-    num, denom, m = rows(plan, q_blocks, k_slots, v_slots)
-    flat = num.shape[1] * num.shape[2] * b
-    num, denom, m = num.reshape(N, flat, D), denom.reshape(N, flat), m.reshape(N, flat)
+    blocks = lambda x, order: _reorder(x, order).reshape(N, T // plan.block, plan.block, D)
+    q_blocks, k_blocks, v_blocks = blocks(q, plan.q_order), blocks(k, plan.k_order), blocks(v, plan.k_order)
+    pieces = [_bucket_attention(plan, bucket, q_blocks, k_blocks, v_blocks) for bucket in plan.buckets]
+    num, denom, m = (jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
     index = _natural_token_index(plan)
     if not is_identity(index):
         num, denom, m = num[:, index], denom[:, index], m[:, index]
