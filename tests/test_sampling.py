@@ -47,7 +47,8 @@ def setup():
     recompute = jax.jit(functools.partial(sampling.full_recompute_sample, model, max_new_tokens=NEW))
     greedy = sampler(params, tokens, mask, jax.random.PRNGKey(0), 0.0, 1.0)
     return dict(config=c, mesh=mesh, model=model, params=params, tokens=tokens, mask=mask, sampler=sampler,
-                recompute=recompute, greedy=jax.device_get(greedy))
+                recompute=recompute, rescore=jax.jit(functools.partial(rescored_logprobs, model)),
+                greedy=jax.device_get(greedy))
 
 
 def rescored_logprobs(model, params, out, temperature):
@@ -84,7 +85,7 @@ def test_greedy_with_cache_equals_greedy_full_recompute(setup):
 def test_logprobs_are_the_tempered_log_softmax_of_the_chosen_tokens(setup):
     s, temperature = setup, 0.7
     out = s["sampler"](s["params"], s["tokens"], s["mask"], jax.random.PRNGKey(3), temperature, 1.0)
-    np.testing.assert_allclose(out.logprobs, rescored_logprobs(s["model"], s["params"], out, temperature), atol=1e-4)
+    np.testing.assert_allclose(out.logprobs, s["rescore"](s["params"], out, temperature), atol=1e-4)
     assert (out.logprobs < 0).all() and (out.response != s["greedy"].response).any()
     ref = s["recompute"](s["params"], s["tokens"], s["mask"], jax.random.PRNGKey(3), temperature)
     np.testing.assert_array_equal(out.response, ref.response)  # the same draws without a cache
@@ -138,7 +139,8 @@ def test_tiny_top_p_equals_greedy(setup):
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     logits = jnp.log(jnp.array([[0.1, 0.5, 0.15, 0.25]]))
-    kept = lambda p, k=0: np.isfinite(sampling.truncated_logits(logits, p, k))[0].tolist()  # noqa: E731
+    truncate = jax.jit(sampling.truncated_logits, static_argnums=2)
+    kept = lambda p, k=0: np.isfinite(truncate(logits, p, k))[0].tolist()  # noqa: E731
     assert kept(0.5) == [False, True, False, False]
     assert kept(0.6) == [False, True, False, True]
     assert kept(0.9) == [False, True, True, True]
