@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft")
 
 
 def run(config, workdir: str):

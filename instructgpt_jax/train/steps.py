@@ -98,3 +98,65 @@ def make_pretrain_step(config, model, mesh, state_shardings):
 
 def make_pretrain_eval_step(config, model, mesh, params_shardings):
     return make_eval_step(pretrain_loss(model), config, mesh, params_shardings, sharding.batch_sharding(mesh))
+
+
+def sft_loss(model: gpt.GPT, prompt_loss_weight: float = 0.0, pretrain_mix: float = 0.0) -> LossFn:
+    """Supervised fine-tuning: batch {"tokens" [B, T+1], "loss_mask" [B, T]} of prompt + response + EOS.
+
+    The loss counts response tokens only, plus λ·(prompt LM loss) when prompt_loss_weight = λ > 0
+    (GPT-1). With pretrain_mix = m > 0 the batch also holds "pretrain_tokens" [B_pt, T+1] of packed
+    pretraining text and the loss is (1 − m)·SFT + m·LM (InstructGPT's pretraining mix, App. C).
+    """
+
+    def forward(params, tokens, rng):
+        deterministic = rng is None
+        return model.apply({"params": params}, tokens[:, :-1], deterministic=deterministic,
+                           rngs=None if deterministic else {"dropout": rng})
+
+    def loss_fn(params, batch, rng):
+        sft_rng, lm_rng = (None, None) if rng is None else jax.random.split(rng)
+        tokens = batch["tokens"]
+        loss, response_loss, n_tokens = losses.sft_loss(forward(params, tokens, sft_rng), tokens[:, 1:],
+                                                        batch["loss_mask"], prompt_loss_weight)
+        metrics = {"response_loss": response_loss, "response_tokens": n_tokens}
+        if pretrain_mix:
+            lm = losses.lm_loss(forward(params, batch["pretrain_tokens"], lm_rng), batch["pretrain_tokens"][:, 1:])
+            loss = (1.0 - pretrain_mix) * loss + pretrain_mix * lm
+            metrics["pretrain_loss"] = lm
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_sft_step(config, model, mesh, state_shardings):
+    loss_fn = sft_loss(model, config.sft.prompt_loss_weight, config.sft.pretrain_mix)
+    return make_update_step(loss_fn, config, mesh, state_shardings, sharding.batch_sharding(mesh))
+
+
+def make_sft_eval_step(config, model, mesh, params_shardings):
+    """Validation loss on response tokens only (what SFT epoch selection compares)."""
+    return make_eval_step(sft_loss(model), config, mesh, params_shardings, sharding.batch_sharding(mesh))
+
+
+def rm_loss(model) -> LossFn:
+    """Reward model: batch {"tokens" [B, K, T], "last_index" [B, K], "num_responses" [B]}, responses
+    best first; all B·K sequences in one forward pass, the C(K,2) pairwise loss per prompt (eq. 1)."""
+    from instructgpt_jax.models import heads
+
+    def loss_fn(params, batch, rng):
+        scores = heads.sequence_scores(model.apply, params, batch["tokens"], batch["last_index"], rng)
+        n = batch["num_responses"]
+        valid = jnp.arange(scores.shape[1])[None] < n[:, None]
+        mean = (scores * valid).sum() / jnp.maximum(valid.sum(), 1)
+        metrics = {"accuracy": losses.pairwise_accuracy(scores, n), "mean_score": mean}
+        return losses.pairwise_ranking_loss(scores, n), metrics
+
+    return loss_fn
+
+
+def make_rm_step(config, model, mesh, state_shardings):
+    return make_update_step(rm_loss(model), config, mesh, state_shardings, sharding.batch_sharding(mesh))
+
+
+def make_rm_eval_step(config, model, mesh, params_shardings):
+    return make_eval_step(rm_loss(model), config, mesh, params_shardings, sharding.batch_sharding(mesh))

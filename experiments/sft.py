@@ -1,0 +1,47 @@
+"""Stage 2 — supervised fine-tuning on labeler demonstrations (Ouyang et al. 2022 §3.5, App. C.1).
+
+  python -m instructgpt_jax.main --config=experiments/sft.py:size=tiny --workdir=runs/p/sft
+  ... --config.data.demonstrations.path=my_demos.jsonl      # {"prompt", "completion"} lines
+  ... --config.sft.select_reward=runs/old/rm                # select the epoch by RM score (App. C.1)
+
+Starts from "{workdir}/../pretrain" (the pretrain stage's workdir next to this one). Without a
+demonstrations file, the simulated labeler (data/tasks.py) writes them (the embedded default).
+"""
+from instructgpt_jax import configs
+from instructgpt_jax.stages import sft
+
+
+def get_config(arg=None):
+    arg = configs.parse_arg(arg, size="tiny", epochs=0, pretrain_mix=0.0)
+    c = configs.base_config("sft", arg.size)
+    c.init.params = "{workdir}/../pretrain"
+    c.labeler = sft.labeler_config()
+    c.generation = sft.generation_config()
+    # App. C.1: 16 epochs, residual dropout 0.2, cosine decay to 10% of the lr with no warmup; the final
+    # epoch is chosen by RM score on validation prompts (here: by validation loss unless an RM is given).
+    c.sft = dict(
+        epochs=arg.epochs or 16,
+        prompt_loss_weight=0.0,  # GPT-1's auxiliary LM weight λ on the prompt (Radford et al. 2018 §3.2)
+        pretrain_mix=arg.pretrain_mix,  # fraction of each batch from pretraining data; 0.1 for PPO's init (App. C)
+        select_reward="",  # RM workdir: choose the epoch by mean RM score of greedy validation responses
+        select_prompts=256,
+        gold_eval_prompts=256,  # task-suite validation prompts for the gold score of pretrained vs SFT; 0 = off
+    )
+    c.model.resid_dropout = 0.2
+    c.optim.warmup_steps = 0
+    c.optim.final_lr_ratio = 0.1
+    if arg.size in configs.CPU_SIZES:
+        # CPU: task answers fit in 64 tokens; fewer epochs over fresh demonstrations keep `tiny` near 2 min.
+        c.train.seq_len = 64
+        c.sft.epochs = arg.epochs or {"test": 2, "tiny": 3, "mini": 4}[arg.size]
+        c.labeler.num_demonstrations = {"test": 256, "tiny": 6000, "mini": 20000}[arg.size]
+        c.optim.lr = {"test": 1e-3, "tiny": 5e-4, "mini": 2e-4}[arg.size]
+        c.train.log_every = 20
+    else:
+        # App. C.1: lr 9.65e-6 with batch 32 for 1.3B and 6B; 5.03e-6 with batch 8 for 175B.
+        big = arg.size == "175b"
+        c.model.dtype = "bfloat16"
+        c.train.batch_size = 8 if big else 32
+        c.optim.lr = 5.03e-6 if big else 9.65e-6
+        c.train.log_every = 10
+    return c
