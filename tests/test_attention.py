@@ -266,3 +266,25 @@ def test_validate_accepts_good_configs():
     attention.validate(small_cfg(layers="gpt3_alternating", implementation="cudnn"), 64, 4)
     attention.validate(small_cfg(layers="strided,fixed", combine="split_heads", implementation="auto"),
                        64, 4, dropout_rate=0.1)
+
+
+def test_block_sparse_on_sharded_batch_and_heads():
+    """Batch over a 'data' mesh axis and heads over 'tensor', as the model shards activations."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    devices = np.array(jax.devices()[:8]).reshape(4, 2)
+    sharding = NamedSharding(Mesh(devices, ("data", "tensor")), PartitionSpec("data", None, "tensor", None))
+    cfg = small_cfg()
+    q, k, v, _ = qkv(4, 32, 4, 8)
+    run = jax.jit(lambda q, k, v: attention.attend(q, k, v, pattern="fixed_union", attention_cfg=cfg))
+    sharded = run(*(jax.device_put(x, sharding) for x in (q, k, v)))
+    np.testing.assert_allclose(sharded, run(q, k, v), atol=1e-6)
+
+
+def test_block_sparse_in_bfloat16_is_close_to_the_f32_reference():
+    cfg = small_cfg()
+    q, k, v, _ = qkv(1, 32, 2, 8)
+    low = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)), pattern="strided_union", attention_cfg=cfg)
+    reference = small_cfg("reference")
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(jnp.float32),
+                               attend(q, k, v, pattern="strided_union", attention_cfg=reference), atol=3e-2)

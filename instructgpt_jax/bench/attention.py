@@ -22,6 +22,7 @@ COLUMNS = ("T", "pattern", "impl", "tok_density", "blk_density", "ms", "dense_ms
 def add_arguments(parser) -> None:
     parser.add_argument("--patterns", default="local,strided_union,fixed_union,dense",
                         help="comma list of attention.PATTERNS run block-sparse")
+    parser.add_argument("--min-seq", type=int, default=SEQ_LENS[0], help="smallest sequence length to run")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -90,7 +91,7 @@ def measure_seq_len(args, T: int, patterns) -> list[dict]:
 def run(args) -> list[dict]:
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     rows = []
-    for T in (t for t in SEQ_LENS if t <= args.max_seq):
+    for T in (t for t in SEQ_LENS if args.min_seq <= t <= args.max_seq):
         cfg = attention_config(args, "block_sparse")
         cfg.layers = ",".join(patterns)
         attention.validate(cfg, T, args.heads)

@@ -80,7 +80,8 @@ def _bucket_sizes(sorted_counts: np.ndarray, max_buckets: int, bucket_cost: floa
     best[0, 0] = 0.0
     for k in range(1, max_buckets + 1):
         for end in range(1, n + 1):
-            costs = [best[k - 1, start] + (end - start) * width[end - 1] + bucket_cost for start in range(end)]
+            starts = np.arange(end)  # the run is sorted_counts[start:end]; its widest entry is the last
+            costs = best[k - 1, :end] + (end - starts) * width[end - 1] + bucket_cost
             cut[k, end] = int(np.argmin(costs))
             best[k, end] = costs[cut[k, end]]
     k, end, sizes = int(np.argmin(best[:, n])), n, []
@@ -180,6 +181,9 @@ def component_attention(plan: ComponentPlan, q, k, v):
 
 def merge_components(pieces):
     """Exact softmax over the union of disjoint components from their (num, denom, max) pieces."""
+    if len(pieces) == 1:
+        num, denom, _ = pieces[0]
+        return num / jnp.where(denom > 0, denom, 1.0)[..., None]
     m = pieces[0][2]
     for _, _, m_c in pieces[1:]:
         m = jnp.maximum(m, m_c)
