@@ -4,7 +4,6 @@ Any config value can be overridden: `--config.optim.lr=3e-4`. Rerunning the same
 same workdir resumes from its latest checkpoint. Problems with the user's input (config, data,
 checkpoints) are printed as one line and exit with status 2.
 """
-import os
 import sys
 
 from absl import app, flags, logging
@@ -16,20 +15,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def enable_compilation_cache() -> None:
-    import jax
-
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/instructgpt_jax/xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/tfds INFO chatter out; --verbosity=0 shows it
     from instructgpt_jax import stages
     from instructgpt_jax.errors import UserError
+    from instructgpt_jax.stages.common import enable_compilation_cache
     from instructgpt_jax.train import distributed
 
     try:

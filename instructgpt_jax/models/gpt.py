@@ -232,7 +232,7 @@ def init_cache(model: GPT, batch_size: int):
 def count_params(cfg: GPTConfig) -> int:
     """Parameter count from shapes alone (jax.eval_shape: nothing is allocated)."""
     model = GPT(cfg)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, cfg.max_len), jnp.int32)))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
 
 

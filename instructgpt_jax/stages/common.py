@@ -15,6 +15,13 @@ from instructgpt_jax.train.checkpoint import Checkpointer
 from instructgpt_jax.train.metrics import MetricWriter
 
 
+def enable_compilation_cache() -> None:
+    """Each distinct jitted function costs seconds to compile on CPU: keep them across runs."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/instructgpt_jax/xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
