@@ -13,7 +13,7 @@ import sys
 
 from instructgpt_jax.bench import common
 
-BENCHMARKS = ("attention",)
+BENCHMARKS = ("attention", "train")
 
 
 def _common_flags() -> argparse.ArgumentParser:

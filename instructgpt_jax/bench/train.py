@@ -1,0 +1,88 @@
+"""train: tokens/s, achieved FLOP/s and utilisation of the pretraining step.
+
+FLOPs per token follow PaLM (Chowdhery et al. 2022, App. B): 6·N + 12·n_layers·d_attn·T, with N the
+parameters that take part in matmuls (tied unembedding once). Utilisation = achieved FLOP/s ÷ the
+same run's jitted matmul throughput in the same dtype, measured right before and right after; MFU
+is also reported against the datasheet peak when the device is a known GPU/TPU.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from instructgpt_jax import configs
+from instructgpt_jax.bench import common
+from instructgpt_jax.models import gpt
+from instructgpt_jax.train import sharding, steps
+from instructgpt_jax.train.state import make_optimizer
+
+# Dense bf16 peak FLOP/s per chip from vendor datasheets (no sparsity).
+DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+                  "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+# The acceptance shape of the perf issue: 8 layers, d_model 512, vocab 8192, T=512, batch 8, float32.
+DEFAULT_SHAPE = dict(n_layers=8, d_model=512, n_heads=8, d_head=64, vocab_size=8192, max_len=512)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--size", default="", help="a configs size name instead of the default 8L/512 shape")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--dtype", default="", help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--matmul-n", type=int, default=2048, help="side of the bracketing matmul")
+
+
+def bench_config(args):
+    c = configs.base_config("pretrain", args.size or "test")
+    if not args.size:
+        c.model.update(DEFAULT_SHAPE)
+        c.model.d_ff = 4 * c.model.d_model
+    c.model.max_len = max(c.model.max_len, args.seq)
+    c.train.seq_len, c.train.batch_size = args.seq, args.batch
+    c.model.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    c.model.remat = args.remat
+    c.model.attention.block_size = min(c.model.attention.block_size, args.seq)
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    return c
+
+
+def datasheet_peak(device_kind: str) -> float | None:
+    return next((peak for name, peak in DATASHEET_PEAK.items() if name.lower() in device_kind.lower()), None)
+
+
+def run(args) -> list[dict]:
+    c = bench_config(args)
+    mesh = sharding.make_mesh(c, jax.devices()[:1])
+    model = steps.build_model(c)
+    init = steps.init_state_fn(model, make_optimizer(c.optim), c.train.seq_len)
+    state, shardings = sharding.sharded_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
+    step = steps.make_pretrain_step(c, model, mesh, shardings)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (c.train.batch_size, c.train.seq_len + 1), 0, c.model.vocab_size)
+    batch = {"tokens": tokens}
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics["loss"]
+
+    dtype = jax.numpy.dtype(c.model.dtype)
+    before = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
+    timing = common.time_call(one_step, repeats=args.repeats, warmup=2)
+    after = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
+
+    cfg = gpt.GPTConfig.from_config(c.model)
+    flops = c.train.batch_size * c.train.seq_len * gpt.train_flops_per_token(cfg, c.train.seq_len)
+    achieved = flops / timing["median_s"]
+    peak_kind = datasheet_peak(getattr(jax.devices()[0], "device_kind", ""))
+    row = {
+        "model": c.model.size if args.size else "8L-512", "params_M": gpt.count_params(cfg) / 1e6,
+        "batch": c.train.batch_size, "seq": c.train.seq_len, "dtype": c.model.dtype, "remat": c.model.remat,
+        "step_ms": 1e3 * timing["median_s"], "tokens_per_s": c.train.batch_size * c.train.seq_len / timing["median_s"],
+        "achieved_gflops": achieved / 1e9,
+        "matmul_gflops_before": before / 1e9, "matmul_gflops_after": after / 1e9,
+        "utilisation": achieved / np.mean([before, after]),
+        "mfu": achieved / peak_kind if peak_kind else None,
+    }
+    common.print_table([row], list(row), title="train step (utilisation = achieved / bracketing matmul)")
+    return [row]
