@@ -77,14 +77,16 @@ def measure_seq_len(args, T: int, patterns) -> list[dict]:
     dense_mib = common.temp_bytes(compiled["xla_dense"]) / 2**20
     rows = [{"T": T, "pattern": "dense", "impl": "xla", "tok_density": token_density("dense", params, T),
              "blk_density": 1.0, "ms": 1e3 * dense_s, "dense_ms": 1e3 * dense_s, "sparse/dense": 1.0,
-             "vs_ideal": 1.0, "temp_MiB": dense_mib, "dense_temp_MiB": dense_mib}]
+             "vs_ideal": 1.0, "temp_MiB": dense_mib, "dense_temp_MiB": dense_mib,
+             "times_ms": [1e3 * t for t in timings["xla_dense"]["times_s"]]}]
     for pattern in patterns:
         seconds, density = timings[pattern]["median_s"], block_density(pattern, params, T, cfg.block_size)
         rows.append({"T": T, "pattern": pattern, "impl": "block_sparse",
                      "tok_density": token_density(pattern, params, T), "blk_density": density,
                      "ms": 1e3 * seconds, "dense_ms": 1e3 * dense_s, "sparse/dense": seconds / dense_s,
                      "vs_ideal": seconds / (density * dense_s),
-                     "temp_MiB": common.temp_bytes(compiled[pattern]) / 2**20, "dense_temp_MiB": dense_mib})
+                     "temp_MiB": common.temp_bytes(compiled[pattern]) / 2**20, "dense_temp_MiB": dense_mib,
+                     "times_ms": [1e3 * t for t in timings[pattern]["times_s"]]})
     return rows
 
 
