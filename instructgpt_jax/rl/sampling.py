@@ -163,6 +163,8 @@ def sample(model: gpt.GPT, params, prompt_tokens, prompt_mask, rng, temperature,
     """KV-cache sampling of up to max_new_tokens after left-padded prompts [B, P] (traceable, unjitted)."""
     batch, prompt_len = prompt_tokens.shape
     check_fits(model, prompt_len, max_new_tokens)
+    if not 0 <= top_k <= model.cfg.vocab_size:
+        raise ValueError(f"top_k={top_k} must be in [0, vocab_size={model.cfg.vocab_size}] (0 = off)")
     valid = prompt_mask.astype(bool)
     positions = positions_from_mask(valid)
     cache = empty_cache(model, batch, prompt_len + max_new_tokens)
