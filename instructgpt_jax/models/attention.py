@@ -46,8 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.layers = "dense"  # comma list cycled over layers, or a name in SCHEMES
     c.local_window = 256  # k: band width of "local" (not given by Brown et al. 2020)
-    c.stride = 128  # l: Child et al. use l = 128 for text (enwik8, Table 2)
-    c.fixed_c = 32  # c: summary positions per block of l (c = 32 on enwik8)
+    c.stride = 128  # l: Child et al.'s enwik8 model uses the fixed pattern with stride 128 ...
+    c.fixed_c = 32  # c: ... and c = 32 summary positions per block of l
     c.block_size = 128  # tile of the block-sparse and splash kernels; must divide the sequence
     c.combine = "union"  # how "strided"/"fixed" combine A1 and A2: interleave | union | split_heads
     c.implementation = "auto"  # auto | reference | block_sparse | splash | cudnn
@@ -254,6 +254,8 @@ def choose_implementation(requested: str, pattern: str, q, training: bool, dropo
 
 def attend(q, k, v, *, pattern="dense", attention_cfg=None, q_pos=None, k_pos=None,
            k_valid=None, dropout_rate=0.0, dropout_rng=None, deterministic=True):
+    """Causal attention of one layer under `pattern` (a name from layer_pattern); see the module
+    docstring for the two calling modes. attention_cfg: default_config() shaped, None = defaults."""
     groups = head_groups(pattern)
     if len(groups) > 1:  # split heads: consecutive equal groups of heads, one pattern each
         split = lambda x: jnp.split(x, len(groups), axis=2)
