@@ -353,6 +353,106 @@ def sft_batches(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer_lib.To
 
 
 # ---------------------------------------------------------------------------------------------------
+# Reward model: K ranked responses per prompt
+
+
+def comparison_records(built: sources.BuiltSource, split: str, process_index: int = 0,
+                       process_count: int = 1) -> list[dict]:
+    """This process's comparisons as Python values: prompt, responses (best first), ended flags, line.
+
+    `ended` (one bool per response) may be given in the record; a response that did not end gets no EOS.
+    """
+    source = _shard(grain.MapDataset.source(built.split(split)), built.name, process_index, process_count)
+    records = []
+    for example in source:
+        record = sources.to_python(example)
+        responses = record["responses"]
+        ended = json.loads(record["meta"] or "{}").get("ended", [True] * len(responses))
+        if not isinstance(ended, list) or len(ended) != len(responses):
+            raise DataError(f"{built.directory} (line {record['line']}): field 'ended' must be a list of "
+                            f"{len(responses)} booleans, one per response")
+        records.append({"prompt": record["prompt"], "responses": responses, "ended": [bool(e) for e in ended],
+                        "line": record["line"]})
+    return records
+
+
+def response_tokens(prompt_ids: Sequence[int], response_ids: Sequence[int], ended: bool, eos_id: int) -> list[int]:
+    """prompt + response, + EOS if the response ended: the sequence the RM reads at its last token."""
+    return list(prompt_ids) + list(response_ids) + ([eos_id] if ended else [])
+
+
+def comparison_example(sequences: Sequence[Sequence[int]], pad_id: int, seq_len: int,
+                       max_responses: int) -> dict[str, np.ndarray]:
+    """K token sequences (best first) -> {"tokens": int32[K_max, seq_len] right-padded,
+    "last_index": int32[K_max] (position of each last token), "num_responses": int32 K}."""
+    if not 2 <= len(sequences) <= max_responses:
+        raise ValueError(f"need 2 <= K <= max_responses={max_responses} responses, got {len(sequences)}")
+    tokens = np.full((max_responses, seq_len), pad_id, dtype=np.int32)
+    last_index = np.zeros(max_responses, dtype=np.int32)
+    for k, ids in enumerate(sequences):
+        if not 0 < len(ids) <= seq_len:
+            raise ValueError(f"response {k} is {len(ids)} tokens; must be 1..seq_len={seq_len}")
+        tokens[k, : len(ids)] = ids
+        last_index[k] = len(ids) - 1
+    return {"tokens": tokens, "last_index": last_index, "num_responses": np.int32(len(sequences))}
+
+
+def tokenize_comparison(record: dict, tokenizer: tokenizer_lib.Tokenizer, seq_len: int, max_responses: int,
+                        where: str) -> tuple[dict[str, np.ndarray] | None, list[int]]:
+    """(example, indices of the kept responses): responses longer than seq_len are dropped, keeping the
+    order of the rest; None when fewer than 2 remain. More than max_responses raises ConfigError."""
+    if len(record["responses"]) > max_responses:
+        raise ConfigError(f"{where}: {len(record['responses'])} responses, more than rm.max_responses="
+                          f"{max_responses}; raise rm.max_responses")
+    prompt = tokenizer.encode(record["prompt"])
+    sequences = [response_tokens(prompt, tokenizer.encode(r), e, tokenizer.eos_id)
+                 for r, e in zip(record["responses"], record["ended"])]
+    kept = [k for k, ids in enumerate(sequences) if len(ids) <= seq_len]
+    if len(kept) < 2:
+        return None, kept
+    return comparison_example([sequences[k] for k in kept], tokenizer.pad_id, seq_len, max_responses), kept
+
+
+def tokenized_comparisons(data_cfg: ml_collections.ConfigDict, built: sources.BuiltSource, split: str,
+                          tokenizer: tokenizer_lib.Tokenizer, seq_len: int, max_responses: int,
+                          process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """This process's comparisons as RM examples (see tokenize_comparison)."""
+    path = data_cfg.comparisons.path
+    examples, dropped_responses, dropped_prompts = [], 0, 0
+    for record in comparison_records(built, split, process_index, process_count):
+        example, kept = tokenize_comparison(record, tokenizer, seq_len, max_responses, f"{path}:{record['line']}")
+        dropped_responses += len(record["responses"]) - len(kept)
+        if example is None:
+            dropped_prompts += 1
+            continue
+        examples.append(example)
+    if dropped_responses:
+        logging.warning("%s (%s): dropped %d responses longer than %d tokens (%d prompts left with < 2)",
+                        path, split, dropped_responses, seq_len, dropped_prompts)
+    if not examples:
+        raise DataError(f"{path}: no {split} comparisons with >= 2 responses fit in seq_len={seq_len} tokens")
+    return examples
+
+
+def rm_batches(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer, seq_len: int,
+               batch_size: int, max_responses: int, split: str, seed: int, process_index: int = 0,
+               process_count: int = 1) -> grain.DatasetIterator:
+    """RM batches of prompts, each with its K <= max_responses responses best first:
+    `{"tokens": int32[B_local, K_max, seq_len], "last_index": int32[B_local, K_max], "num_responses": int32[B_local]}`.
+
+    Comparisons from `data.comparisons.path`; endless (validation: same order every call).
+    """
+    _check_split(split)
+    local_batch = _check_batch(batch_size, process_index, process_count)
+    validate_data_config(data_cfg)
+    built = sources.build_jsonl_source("comparisons", data_cfg)
+    examples = tokenized_comparisons(data_cfg, built, split, tokenizer, seq_len, max_responses,
+                                     process_index, process_count)
+    ds = _epochs(grain.MapDataset.source(examples), split, _seed(data_cfg.shuffle_seed, seed, process_index))
+    return _start(ds.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options()), data_cfg.num_workers)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Global arrays
 
 

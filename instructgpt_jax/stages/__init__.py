@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "rm")
 
 
 def run(config, workdir: str):

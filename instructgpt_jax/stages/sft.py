@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from instructgpt_jax.data import pipeline, sources, tasks
-from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.models import gpt
 from instructgpt_jax.stages import common
 from instructgpt_jax.train import checkpoint, loop, sharding, steps
@@ -37,6 +37,14 @@ GOLD_FILE = "gold_eval.json"
 def resolve_stage_path(path: str, workdir: str) -> str:
     """An earlier stage's workdir from config: "{workdir}/../pretrain" is resolved against this workdir."""
     return os.path.normpath(os.path.abspath(path.replace("{workdir}", os.path.abspath(workdir))))
+
+
+def require_checkpoint(path: str, key: str) -> str:
+    """Fails fast, naming the config key and directory, when an earlier stage's checkpoint is missing."""
+    directory = checkpoint.checkpoint_dir(path)
+    if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+        raise CheckpointError(f"{key}={path!r}: no checkpoint in {directory} (has that stage run?)")
+    return path
 
 
 def labeler_config() -> ml_collections.ConfigDict:
@@ -257,6 +265,8 @@ def select_epoch(config, checkpointer, abstract_state, per_epoch: int, criteria:
     checkpoint_step = best["step"]
     if checkpoint_step != last:
         checkpoint_step = last + 1
+        if checkpoint_step in checkpointer.manager.all_steps():  # a copy from an interrupted earlier selection
+            checkpointer.manager.delete(checkpoint_step)
         checkpointer.save(checkpoint_step, checkpointer.restore(abstract_state, best["step"])[0])
         checkpointer.wait()
     return {"selected_epoch": best["epoch"], "selected_step": best["step"], "checkpoint_step": checkpoint_step,
@@ -304,6 +314,9 @@ def run(config, workdir: str):
     if config.dry_run:
         return common.dry_run(config, init, lambda mesh, sh: steps.make_sft_step(config, model, mesh, sh),
                               abstract_batch(config))
+    init_path = resolve_stage_path(config.init.params, workdir) if config.init.params else ""
+    if init_path:
+        require_checkpoint(init_path, "init.params")
     use_default_demonstrations(config)
     built = sources.build_jsonl_source("demonstrations", config.data)
     per_epoch = set_epochs(config, len(built.split("train")))
@@ -312,7 +325,6 @@ def run(config, workdir: str):
     tokenizer = common.load_tokenizer(config)
     rules, rng = sharding.rules(config), jax.random.PRNGKey(config.seed)
     abstract_state, state_shardings = sharding.abstract_init(init, mesh, rules, rng)
-    init_path = resolve_stage_path(config.init.params, workdir) if config.init.params else ""
 
     def initial_params():
         return checkpoint.load_params(init_path, abstract_state.params)
