@@ -75,7 +75,8 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
         if r["eval_curve"]:
             steps, losses = zip(*r["eval_curve"])
             ax.plot(steps, losses, marker="o", label=r["variant"])
-    ax.set(xlabel="step", ylabel="held-out loss", title=title)
+    ax.set(xlabel="step", ylabel="held-out loss")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
