@@ -1,0 +1,156 @@
+"""Reward model: batching of ranked responses, one forward per response, the head, the stage end to end."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instructgpt_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from instructgpt_jax.errors import CheckpointError, ConfigError
+from instructgpt_jax.models import gpt, heads
+from instructgpt_jax.rl import sampling
+from instructgpt_jax.stages import rm
+from instructgpt_jax.train import sharding, steps
+from test_sft import save_initial_model, stage_config, write_tokenizer
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    return root, write_tokenizer(root / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def reward_model(env):
+    c = stage_config("rm", *env)
+    model = heads.RewardModel(gpt.GPTConfig.from_config(c.model))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, c.train.seq_len), jnp.int32))["params"]
+    return c, model, nn.meta.unbox(params)
+
+
+def test_comparison_example_pads_responses_and_marks_their_last_token():
+    ex = pipeline.comparison_example([[5, 6, 7, 1], [5, 6, 1], [5, 6, 8, 9, 10]], pad_id=0, seq_len=6, max_responses=4)
+    np.testing.assert_array_equal(ex["tokens"], [[5, 6, 7, 1, 0, 0], [5, 6, 1, 0, 0, 0], [5, 6, 8, 9, 10, 0], [0] * 6])
+    np.testing.assert_array_equal(ex["last_index"], [3, 2, 4, 0])
+    assert int(ex["num_responses"]) == 3
+
+
+def test_tokenize_comparison_ends_with_eos_only_when_ended_and_drops_overlong(env):
+    tok = tokenizer_lib.Tokenizer.from_file(env[1])
+    record = {"prompt": "Repeat: cat dog\nAnswer:", "responses": [" cat dog", " cat", " dog" * 30],
+              "ended": [True, False, True]}
+    ex, kept = pipeline.tokenize_comparison(record, tok, 32, 4, "f.jsonl:1")
+    assert kept == [0, 1] and int(ex["num_responses"]) == 2
+    first, second = (ex["tokens"][k, :ex["last_index"][k] + 1] for k in (0, 1))
+    assert first[-1] == tok.eos_id and second[-1] != tok.eos_id
+    assert tok.decode(first) == record["prompt"] + " cat dog"
+    with pytest.raises(ConfigError, match=r"f.jsonl:1: 3 responses, more than rm.max_responses=2"):
+        pipeline.tokenize_comparison(record, tok, 32, 2, "f.jsonl:1")
+    assert pipeline.tokenize_comparison({**record, "responses": record["responses"][1:], "ended": [True, True]},
+                                        tok, 32, 4, "x")[0] is None  # one response left: no pair
+
+
+class CountingModel:
+    """Records the shape of every batch that enters the model."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def apply(self, variables, tokens, *args, **kwargs):
+        self.calls.append(tokens.shape)
+        return self.model.apply(variables, tokens, *args, **kwargs)
+
+
+def test_each_response_goes_through_the_trunk_once_not_once_per_pair(reward_model):
+    c, model, params = reward_model
+    b, k, t = 3, 4, c.train.seq_len
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(4, 300, size=(b, k, t)), jnp.int32),
+             "last_index": jnp.asarray(rng.integers(5, t, size=(b, k)), jnp.int32),
+             "num_responses": jnp.array([4, 2, 3], jnp.int32)}
+    counting = CountingModel(model)
+    loss, _ = jax.jit(steps.rm_loss(counting))(params, batch, None)  # shapes are recorded while tracing
+    assert counting.calls == [(b * k, t)]  # 12 sequences in one call; the pairs number 6 + 1 + 3
+    score_row = jax.jit(lambda tokens, last: model.apply({"params": params}, tokens, last))
+    scores = jnp.stack([score_row(batch["tokens"][i], batch["last_index"][i]) for i in range(b)])
+    from instructgpt_jax import losses
+
+    assert float(loss) == pytest.approx(float(losses.pairwise_ranking_loss(scores, batch["num_responses"])), rel=1e-5)
+
+
+def test_score_is_read_at_the_last_token_and_ignores_padding_on_either_side(reward_model):
+    c, model, params = reward_model
+    ids = [5, 17, 29, 41, 7, 1]
+    right = jnp.zeros((1, 16), jnp.int32).at[0, :6].set(jnp.array(ids))
+    apply = jax.jit(lambda *args: model.apply({"params": params}, *args))
+    per_token = apply(right)
+    at_last = apply(right, jnp.array([5]))
+    assert float(at_last[0]) == pytest.approx(float(per_token[0, 5]), abs=1e-6)
+    left = jnp.zeros((1, 16), jnp.int32).at[0, 10:].set(jnp.array(ids))  # as the sampler lays sequences out
+    valid = left != 0
+    from_left = apply(left, jnp.array([15]), sampling.positions_from_mask(valid), valid)
+    assert float(from_left[0]) == pytest.approx(float(at_last[0]), abs=1e-4)
+
+
+def test_head_starts_with_std_one_over_sqrt_d_model_plus_one():
+    params = heads.ScalarHead(4095).init(jax.random.PRNGKey(0), jnp.zeros((1, 4095)))["params"]
+    kernel = np.asarray(nn.meta.unbox(params)["kernel"])
+    assert kernel.std() == pytest.approx(1 / 64, rel=0.05) and float(nn.meta.unbox(params)["bias"]) == 0.0
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("max_responses", 1, "rm.max_responses=1"),
+    ("responses_per_prompt", 5, "rm.responses_per_prompt=5"),
+    ("samples", "humans", "rm.samples='humans'"),
+])
+def test_bad_rm_config_names_the_key(env, key, value, message):
+    c = stage_config("rm", *env)
+    c.rm[key] = value
+    with pytest.raises(ConfigError, match=message):
+        rm.run(c, "unused")
+
+
+def test_missing_sft_checkpoint_names_the_directory(env, tmp_path):
+    with pytest.raises(CheckpointError, match=r"init.params=.*nowhere/sft.*no checkpoint"):
+        rm.run(stage_config("rm", *env), str(tmp_path / "nowhere" / "rm"))
+
+
+@pytest.fixture(scope="module")
+def rm_run(env):
+    """The stage on default comparisons sampled from a (freshly initialised) policy with the KV-cache sampler."""
+    root, tokenizer_path = env
+    c = stage_config("rm", root, tokenizer_path)
+    c.labeler.num_demonstrations = 200
+    c.rm.ceiling_prompts = 100
+    save_initial_model(c, str(root / "run" / "sft"))
+    workdir = str(root / "run" / "rm")
+    return c, workdir, rm.run(c, workdir)
+
+
+def test_stage_writes_checkpoint_bias_and_held_out_metrics(rm_run):
+    c, workdir, metrics = rm_run
+    assert os.listdir(os.path.join(workdir, "checkpoints"))
+    assert os.path.isfile(os.path.join(workdir, heads.REWARD_BIAS_FILE))
+    written = json.loads(open(os.path.join(workdir, rm.EVAL_FILE)).read())
+    assert written["pairs"] > 0 and 0.0 <= written["accuracy"] <= 1.0
+    assert written["labeler_agreement_ceiling"] == pytest.approx(0.73, abs=0.05)
+    assert written["demonstrations_mean_after_bias"] == pytest.approx(0.0, abs=1e-5)
+    first = json.loads(open(c.data.comparisons.path).readline())
+    assert len(first["responses"]) == len(first["ended"]) >= 2  # sampled, ranked, with ended flags
+
+
+def test_loaded_reward_model_scores_held_out_demonstrations_zero_on_average(rm_run):
+    c, workdir, _ = rm_run
+    reward = heads.load_reward_model(workdir, c, sharding.make_mesh(c))
+    tok = tokenizer_lib.Tokenizer.from_file(c.tokenizer.path)
+    demos = list(sources.read_examples(sources.build_jsonl_source("demonstrations", c.data), "validation"))
+    seqs = [pipeline.response_tokens(tok.encode(d["prompt"]), tok.encode(d["completion"]), True, tok.eos_id) for d in demos]
+    tokens = np.zeros((len(seqs), c.train.seq_len), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    scores = np.asarray(reward(tokens, np.array([len(s) - 1 for s in seqs])))
+    assert len(scores) >= 5 and abs(scores.mean()) < 1e-4
+    assert scores.std() > 0  # a real score, not a constant
