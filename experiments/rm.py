@@ -1,7 +1,7 @@
 """Stage 3 — the reward model (Ouyang et al. 2022 §3.5, App. C.2).
 
   python -m instructgpt_jax.main --config=experiments/rm.py:size=tiny --workdir=runs/p/rm
-  ... --config.data.comparisons.path=my.jsonl   # {"prompt", "responses": [best first]} or {"prompt", "chosen", "rejected"}
+  ... --config.data.comparisons.path=my.jsonl   # {"prompt", "responses": [best first]}, or "chosen"/"rejected"
   ... --config.rm.samples=simulated             # default comparisons without sampling the SFT policy
 
 The trunk starts from "{workdir}/../sft" (§3.5: the SFT model with the unembedding removed). Without a

@@ -147,7 +147,8 @@ def test_loaded_reward_model_scores_held_out_demonstrations_zero_on_average(rm_r
     reward = heads.load_reward_model(workdir, c, sharding.make_mesh(c))
     tok = tokenizer_lib.Tokenizer.from_file(c.tokenizer.path)
     demos = list(sources.read_examples(sources.build_jsonl_source("demonstrations", c.data), "validation"))
-    seqs = [pipeline.response_tokens(tok.encode(d["prompt"]), tok.encode(d["completion"]), True, tok.eos_id) for d in demos]
+    seqs = [pipeline.response_tokens(tok.encode(d["prompt"]), tok.encode(d["completion"]), True, tok.eos_id)
+            for d in demos]
     tokens = np.zeros((len(seqs), c.train.seq_len), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = s

@@ -11,7 +11,7 @@ import pytest
 
 from instructgpt_jax import losses
 from instructgpt_jax.data import pipeline, tasks, tokenizer as tokenizer_lib
-from instructgpt_jax.errors import CheckpointError
+from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.stages import sft
 from instructgpt_jax.train import checkpoint, sharding, steps
 from instructgpt_jax.train.state import TrainState, make_optimizer
@@ -21,7 +21,8 @@ VOCAB = 384  # the smallest the tokenizer allows; tiny tests need no more
 
 
 def experiment_config(name: str, arg: str = "size=test") -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(REPO, "experiments", f"{name}.py"))
+    path = os.path.join(REPO, "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
@@ -113,6 +114,26 @@ def test_pretraining_mix_weighs_the_two_losses(model_and_params):
     lm = losses.lm_loss(model.apply({"params": params}, pretrain[:, :-1]), pretrain[:, 1:])
     assert float(mixed) == pytest.approx(0.75 * float(sft_only) + 0.25 * float(lm), rel=1e-5)
     assert float(metrics["pretrain_loss"]) == pytest.approx(float(lm), rel=1e-5)
+
+
+def test_mixed_batches_carry_pretraining_rows_and_resume_through_json(env):
+    c = stage_config("sft", *env)
+    c.data.demonstrations.path = sft.default_demonstrations(c)
+    c.sft.pretrain_mix = 0.25
+    tok = tokenizer_lib.Tokenizer.from_file(c.tokenizer.path)
+    batches = sft.train_batches(c, tok)
+    first = next(batches)
+    t = c.train.seq_len
+    assert first["tokens"].shape == (6, t + 1) and first["loss_mask"].shape == (6, t)
+    assert first["pretrain_tokens"].shape == (2, t + 1)
+    state = json.loads(json.dumps(batches.get_state()))
+    expected = next(batches)
+    resumed = sft.train_batches(c, tok)
+    resumed.set_state(state)
+    for key, value in next(resumed).items():
+        np.testing.assert_array_equal(value, expected[key])
+    with pytest.raises(ConfigError, match="both must divide by mesh.data"):  # 2 rows over 8 devices
+        sft.validate_sft_config(c)
 
 
 def test_resolve_stage_path_substitutes_the_workdir(tmp_path):

@@ -108,7 +108,8 @@ def default_comparisons(config, workdir: str, mesh, tokenizer) -> str:
     def write(path):
         prompts = tasks.sample_prompts(r.num_prompts, "train", lab.seed)
         if r.samples == "policy":
-            common.log(f"rm: sampling {r.responses_per_prompt} responses for each of {len(prompts)} prompts from {policy_dir}")
+            common.log(f"rm: sampling {r.responses_per_prompt} responses to each of {len(prompts)} prompts "
+                       f"from {policy_dir}")
             samples = policy_samples(config, mesh, tokenizer, policy_dir, prompts, r.responses_per_prompt)
         else:
             samples = simulated_samples(prompts, r.responses_per_prompt, lab.seed)
@@ -163,7 +164,8 @@ def held_out_metrics(config, score_fn, params, tokenizer, built) -> dict:
         example, kept = pipeline.tokenize_comparison(record, tokenizer, seq_len, k_max, "held-out comparison")
         if example is None:
             continue
-        kept_records.append({k: [record[k][i] for i in kept] for k in ("responses", "ended")} | {"prompt": record["prompt"]})
+        kept_records.append({"prompt": record["prompt"], "responses": [record["responses"][i] for i in kept],
+                             "ended": [record["ended"][i] for i in kept]})
         sequences += [list(example["tokens"][i, :example["last_index"][i] + 1]) for i in range(len(kept))]
     scores = score_sequences(score_fn, params, sequences, seq_len)
     counts = np.zeros((3, 2), np.int64)  # rows: RM vs labels, RM vs gold, labels vs gold
@@ -181,7 +183,8 @@ def held_out_metrics(config, score_fn, params, tokenizer, built) -> dict:
         counts[2] += pair_agreement(label_rank, gold, rec["responses"])
     rate = lambda row: float(row[0] / row[1]) if row[1] else float("nan")  # noqa: E731
     return {"prompts": len(kept_records), "pairs": int(counts[0, 1]), "accuracy": rate(counts[0]),
-            "gold_pairs": int(counts[1, 1]), "gold_agreement": rate(counts[1]), "labels_gold_agreement": rate(counts[2])}
+            "gold_pairs": int(counts[1, 1]), "gold_agreement": rate(counts[1]),
+            "labels_gold_agreement": rate(counts[2])}
 
 
 def demonstration_sequences(config, tokenizer) -> list[list[int]]:
@@ -258,7 +261,8 @@ def run(config, workdir: str):
         eval_fn=eval_fn, tokens_per_batch=sequences * config.train.seq_len)
 
     score_fn = make_score_fn(model, config, mesh)
-    demo_scores = score_sequences(score_fn, state.params, demonstration_sequences(config, tokenizer), config.train.seq_len)
+    demos = demonstration_sequences(config, tokenizer)
+    demo_scores = score_sequences(score_fn, state.params, demos, config.train.seq_len)
     bias = float(demo_scores.mean())
     heads.write_bias(workdir, bias, demonstrations=len(demo_scores), step=int(state.step),
                      source=config.data.demonstrations.path)

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from instructgpt_jax import configs
 from instructgpt_jax.data import pipeline, sources, tasks
 from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.models import gpt
@@ -106,9 +107,15 @@ def validate_sft_config(config) -> None:
         raise ConfigError(f"sft.prompt_loss_weight={s.prompt_loss_weight}: must be >= 0")
     if not 0 <= s.pretrain_mix < 1:
         raise ConfigError(f"sft.pretrain_mix={s.pretrain_mix}: expected in [0, 1)")
-    if s.pretrain_mix and not 0 < pretrain_rows(config) < config.train.batch_size:
-        raise ConfigError(f"sft.pretrain_mix={s.pretrain_mix} of train.batch_size={config.train.batch_size} "
+    rows, batch = pretrain_rows(config), config.train.batch_size
+    if s.pretrain_mix and not 0 < rows < batch:
+        raise ConfigError(f"sft.pretrain_mix={s.pretrain_mix} of train.batch_size={batch} "
                           "rounds to no pretraining rows or no demonstrations; change either")
+    data, fsdp, _ = configs.validate_mesh(config, jax.device_count())
+    if rows % (data * fsdp) or (batch - rows) % (data * fsdp):
+        raise ConfigError(f"sft.pretrain_mix={s.pretrain_mix} splits train.batch_size={batch} into {batch - rows} "
+                          f"demonstrations + {rows} pretraining rows; both must divide by mesh.data·mesh.fsdp="
+                          f"{data * fsdp}")
 
 
 def pretrain_rows(config) -> int:
@@ -284,7 +291,8 @@ def read_selection(workdir: str) -> dict | None:
 def selection_criteria(config, workdir, mesh, model, tokenizer, built, eval_step, to_device, sampler) -> dict:
     """Validation loss always; the RM's mean greedy score on validation prompts when sft.select_reward is set."""
     n_batches = max(1, len(built.split("validation")) // config.train.batch_size)
-    criteria = {"validation_loss": functools.partial(validation_loss, eval_step, config, tokenizer, to_device, n_batches)}
+    loss = functools.partial(validation_loss, eval_step, config, tokenizer, to_device, n_batches)
+    criteria = {"validation_loss": loss}
     if config.sft.select_reward:
         from instructgpt_jax.models import heads
 
