@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instructgpt_jax import losses
 from instructgpt_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import sampling
 from instructgpt_jax.stages import rm
 from instructgpt_jax.train import sharding, steps
+from instructgpt_jax.train.state import make_optimizer
 from test_sft import save_initial_model, stage_config, write_tokenizer
 
 
@@ -76,9 +78,36 @@ def test_each_response_goes_through_the_trunk_once_not_once_per_pair(reward_mode
     assert counting.calls == [(b * k, t)]  # 12 sequences in one call; the pairs number 6 + 1 + 3
     score_row = jax.jit(lambda tokens, last: model.apply({"params": params}, tokens, last))
     scores = jnp.stack([score_row(batch["tokens"][i], batch["last_index"][i]) for i in range(b)])
-    from instructgpt_jax import losses
-
     assert float(loss) == pytest.approx(float(losses.pairwise_ranking_loss(scores, batch["num_responses"])), rel=1e-5)
+
+
+def planted_batch(rng, batch_size, seq_len, good=7, bad=9):
+    """K=2: random prompts answered by `good` (ranked first) or `bad`, then EOS; one padding slot (K_max 3)."""
+    tokens = np.zeros((batch_size, 3, seq_len), np.int32)
+    last = np.zeros((batch_size, 3), np.int32)
+    for i in range(batch_size):
+        prompt = list(rng.integers(20, 300, size=int(rng.integers(3, 20))))
+        for k, answer in enumerate((good, bad)):
+            ids = prompt + [answer, 1]
+            tokens[i, k, :len(ids)], last[i, k] = ids, len(ids) - 1
+    return {"tokens": tokens, "last_index": last, "num_responses": np.full(batch_size, 2, np.int32)}
+
+
+def test_rm_step_learns_a_planted_preference(env):
+    c = stage_config("rm", *env)
+    c.optim.lr = 3e-3
+    mesh = sharding.make_mesh(c)
+    model = heads.RewardModel(gpt.GPTConfig.from_config(c.model))
+    init = steps.init_state_fn(model, make_optimizer(c.optim), c.train.seq_len)
+    state, shardings = sharding.sharded_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
+    step = steps.make_rm_step(c, model, mesh, shardings)
+    to_device = lambda b: pipeline.to_global_batch(b, sharding.batch_sharding(mesh))  # noqa: E731
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        state, metrics = step(state, to_device(planted_batch(rng, c.train.batch_size, c.train.seq_len)))
+    held_out = steps.make_rm_eval_step(c, model, mesh, shardings.params)(
+        state.params, to_device(planted_batch(rng, c.train.batch_size, c.train.seq_len)))
+    assert float(held_out["accuracy"]) == 1.0 and float(held_out["loss"]) < 0.2
 
 
 def test_score_is_read_at_the_last_token_and_ignores_padding_on_either_side(reward_model):
