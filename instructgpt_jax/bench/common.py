@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable, Sequence
@@ -45,13 +46,18 @@ def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> dict:
 
 def time_interleaved(calls: dict[str, tuple[Callable, Sequence]], repeats: int = 5, warmup: int = 1) -> dict:
     """Like time_call for several named (fn, args), one call of each per round, so that drift
-    during the measurement affects every variant alike."""
+    during the measurement affects every variant alike. The order is shuffled every round (seeded),
+    so no variant always runs right after the same neighbour: the call following one that
+    released gigabytes pays for it (page faults on re-allocation, cold caches)."""
     for fn, args in calls.values():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
+    names, shuffle = list(calls), random.Random(0).shuffle
+    times = {name: [] for name in names}
     for _ in range(repeats):
-        for name, (fn, args) in calls.items():
+        shuffle(names)
+        for name in names:
+            fn, args = calls[name]
             times[name].append(_one_call_seconds(fn, args))
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
 
