@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -70,7 +71,7 @@ def model_and_params(env):
     c = stage_config("sft", *env)
     model = steps.build_model(c)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, c.train.seq_len), jnp.int32))["params"]
-    return c, model, jax.tree.map(jnp.asarray, __import__("flax").linen.meta.unbox(params))
+    return c, model, nn.meta.unbox(params)
 
 
 class LogitProbe:
