@@ -13,7 +13,7 @@ import sys
 
 from instructgpt_jax.bench import common
 
-BENCHMARKS = ("attention", "train")
+BENCHMARKS = ("attention", "train", "decode")
 
 
 def _common_flags() -> argparse.ArgumentParser:
