@@ -35,13 +35,10 @@ def run(config, workdir: str):
     rules = sharding.rules(config)
     init = steps.init_state_fn(model, tx, config.train.seq_len)
     rng = jax.random.PRNGKey(config.seed)
-    _, state_shardings = sharding.abstract_init(init, mesh, rules, rng)
+    abstract_state, state_shardings = sharding.abstract_init(init, mesh, rules, rng)
     state, data_state, start = loop.init_or_restore(
-        checkpointer,
-        init=lambda: sharding.sharded_init(init, mesh, rules, rng)[0],
-        abstract=lambda: sharding.abstract_init(init, mesh, rules, rng)[0],
-        log=common.log,
-    )
+        checkpointer, init=lambda: sharding.sharded_init(init, mesh, rules, rng)[0], abstract=lambda: abstract_state,
+        log=common.log)
 
     to_device = functools.partial(pipeline.to_global_batch, sharding=sharding.batch_sharding(mesh))
     batches = functools.partial(
