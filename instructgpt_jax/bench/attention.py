@@ -3,11 +3,15 @@
 For each T: wall time (median, interleaved with dense), compiled temp memory, and densities:
   tok_density  allowed (query, key) pairs / T^2  (what the pattern needs);
   blk_density  scored pairs / T^2 in the block layout (active blocks x block^2: what FLOPs scale with);
-  vs_ideal     sparse_time / (blk_density x dense_time): 1.0 = as efficient per score as dense XLA
-               (medians); vs_ideal_min: the same from the fastest calls, the figure least
-               disturbed by other processes on a shared machine.
+  sparse/dense median over rounds of sparse_time / dense_time, both timed in the same round
+               (calls are interleaved, so a load change mid-run hits both sides of each ratio);
+  vs_ideal     (sparse/dense) / blk_density: 1.0 = as efficient per score as dense XLA;
+  vs_ideal_min the same from the fastest call of each, the figure least disturbed by other
+               processes on a shared machine.
 """
 from __future__ import annotations
+
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -83,10 +87,11 @@ def measure_seq_len(args, T: int, patterns) -> list[dict]:
              "times_ms": [1e3 * t for t in timings["xla_dense"]["times_s"]]}]
     for pattern in patterns:
         seconds, density = timings[pattern]["median_s"], block_density(pattern, params, T, cfg.block_size)
+        paired = statistics.median(s / d for s, d in zip(timings[pattern]["times_s"], timings["xla_dense"]["times_s"]))
         rows.append({"T": T, "pattern": pattern, "impl": "block_sparse",
                      "tok_density": token_density(pattern, params, T), "blk_density": density,
-                     "ms": 1e3 * seconds, "dense_ms": 1e3 * dense_s, "sparse/dense": seconds / dense_s,
-                     "vs_ideal": seconds / (density * dense_s),
+                     "ms": 1e3 * seconds, "dense_ms": 1e3 * dense_s, "sparse/dense": paired,
+                     "vs_ideal": paired / density,
                      "vs_ideal_min": timings[pattern]["min_s"] / (density * dense_min_s),
                      "temp_MiB": common.temp_bytes(compiled[pattern]) / 2**20, "dense_temp_MiB": dense_mib,
                      "times_ms": [1e3 * t for t in timings[pattern]["times_s"]]})

@@ -4,6 +4,9 @@ Timing excludes compilation and warm-up, takes the median of repeats and waits w
 `block_until_ready`. Machine speed drifts (up to ~40% within an hour on shared CPUs), so every
 figure is bracketed by a jitted large-matmul throughput measured right before and after it, and
 competing variants are timed interleaved (one call of each per round) so drift hits them alike.
+Before each timed call the harness pauses (untimed) for a tenth of the previous call's time: the
+OS reclaims the memory a big call released after it returns, and without the pause that work
+lands on whatever is timed next (measured: +300-400 ms on a 0.45 s call after a 3 GB one).
 """
 from __future__ import annotations
 
@@ -30,17 +33,26 @@ def temp_bytes(compiled) -> int | None:
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def _one_call_seconds(fn: Callable, args: Sequence) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
+class _Settler:
+    """Pauses before a timed call for a tenth of the previous call's duration (at most max_s)."""
+
+    def __init__(self, max_s: float = 1.0):
+        self.previous_s, self.max_s = 0.0, max_s
+
+    def timed(self, fn: Callable, args: Sequence) -> float:
+        time.sleep(min(self.max_s, 0.1 * self.previous_s))
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        self.previous_s = time.perf_counter() - start
+        return self.previous_s
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> dict:
     """Median and min wall time of fn(*args) over `repeats` calls after `warmup` calls."""
+    settler = _Settler()
     for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = [_one_call_seconds(fn, args) for _ in range(repeats)]
+        settler.timed(fn, args)
+    times = [settler.timed(fn, args) for _ in range(repeats)]
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
@@ -49,16 +61,16 @@ def time_interleaved(calls: dict[str, tuple[Callable, Sequence]], repeats: int =
     during the measurement affects every variant alike. The order is shuffled every round (seeded),
     so no variant always runs right after the same neighbour: the call following one that
     released gigabytes pays for it (page faults on re-allocation, cold caches)."""
+    settler = _Settler()
     for fn, args in calls.values():
         for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
+            settler.timed(fn, args)
     names, shuffle = list(calls), random.Random(0).shuffle
     times = {name: [] for name in names}
     for _ in range(repeats):
         shuffle(names)
         for name in names:
-            fn, args = calls[name]
-            times[name].append(_one_call_seconds(fn, args))
+            times[name].append(settler.timed(*calls[name]))
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t} for name, t in times.items()}
 
 
