@@ -31,12 +31,15 @@ def get_config(arg=None):
     c.optim.warmup_steps = 0
     c.optim.final_lr_ratio = 0.1
     if arg.size in configs.CPU_SIZES:
-        # CPU: task answers fit in 64 tokens; fewer epochs over fresh demonstrations keep `tiny` near 2 min.
+        # CPU: task answers fit in 64 tokens. A 0.7M-parameter model underfits rather than overfits, so no
+        # dropout, a larger lr, and fewer epochs over more demonstrations (measured on `tiny`: 3 epochs of
+        # 5.6k demonstrations reach gold 0.36 greedy, 4 epochs of 11.3k reach 0.48; pretrained: 0.11).
         c.train.seq_len = 64
+        c.model.resid_dropout = 0.0
         c.sft.epochs = arg.epochs or {"test": 2, "tiny": 3, "mini": 4}[arg.size]
-        c.labeler.num_demonstrations = {"test": 256, "tiny": 6000, "mini": 20000}[arg.size]
-        c.optim.lr = {"test": 1e-3, "tiny": 5e-4, "mini": 2e-4}[arg.size]
-        c.train.log_every = 20
+        c.labeler.num_demonstrations = {"test": 256, "tiny": 12000, "mini": 20000}[arg.size]
+        c.optim.lr = {"test": 1e-3, "tiny": 1e-3, "mini": 3e-4}[arg.size]
+        c.train.log_every = 50
     else:
         # App. C.1: lr 9.65e-6 with batch 32 for 1.3B and 6B; 5.03e-6 with batch 8 for 175B.
         big = arg.size == "175b"
