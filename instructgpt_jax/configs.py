@@ -199,7 +199,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         raise ConfigError(f"optim: need lr > 0, 0 <= final_lr_ratio <= 1, warmup_steps >= 0, grad_accum_steps >= 1; got {dict(o)}")
     if o.nonfinite not in ("skip", "stop"):
         raise ConfigError(f"optim.nonfinite must be skip or stop, got {o.nonfinite!r}")
-    attention.validate(m.attention, t.seq_len, m.n_heads)
+    attention.validate(m.attention, t.seq_len, m.n_heads, dropout_rate=m.attn_dropout)
     if "data" in c:
         from instructgpt_jax.data import pipeline, tokenizer
 
