@@ -15,7 +15,7 @@ def get_config(arg=None):
     arg = configs.parse_arg(arg, size="tiny", epochs=0, pretrain_mix=0.0)
     c = configs.base_config("sft", arg.size)
     c.init.params = "{workdir}/../pretrain"
-    c.labeler = sft.labeler_config()
+    c.labeler = sft.labeler_config(arg.size)
     c.generation = sft.generation_config()
     # App. C.1: 16 epochs, residual dropout 0.2, cosine decay to 10% of the lr with no warmup; the final
     # epoch is chosen by RM score on validation prompts (here: by validation loss unless an RM is given).
@@ -37,7 +37,6 @@ def get_config(arg=None):
         c.train.seq_len = 64
         c.model.resid_dropout = 0.0
         c.sft.epochs = arg.epochs or {"test": 2, "tiny": 3, "mini": 4}[arg.size]
-        c.labeler.num_demonstrations = {"test": 256, "tiny": 12000, "mini": 20000}[arg.size]
         c.optim.lr = {"test": 1e-3, "tiny": 1e-3, "mini": 3e-4}[arg.size]
         c.train.log_every = 50
     else:

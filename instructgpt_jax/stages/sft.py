@@ -48,13 +48,17 @@ def require_checkpoint(path: str, key: str) -> str:
     return path
 
 
-def labeler_config() -> ml_collections.ConfigDict:
-    """`config.labeler`: the simulated labelers that write the embedded default data (data/tasks.py)."""
+DEFAULT_DEMONSTRATIONS = {"test": 256, "tiny": 12000, "mini": 20000}  # else ~13k, InstructGPT's SFT set (Table 6)
+
+
+def labeler_config(size: str) -> ml_collections.ConfigDict:
+    """`config.labeler`: the simulated labelers that write the embedded default data (data/tasks.py).
+    SFT and RM configs of one size get the same demonstrations (the RM's bias is zeroed on their held-out part)."""
     return ml_collections.ConfigDict(dict(
         seed=0,
         demo_error_rate=tasks.DEMO_ERROR_RATE,  # fraction of demonstrations with a plausible mistake
         noise=tasks.LABELER_NOISE,  # ranking noise; two labelers agree on ~73% of pairs (§3.4)
-        num_demonstrations=8000,  # on task-suite train prompts; data.validation_fraction held out
+        num_demonstrations=DEFAULT_DEMONSTRATIONS.get(size, 13_000),  # task-suite train prompts
     ))
 
 
