@@ -109,3 +109,78 @@ def test_unigram_model_type_trains():
 def test_a_corpus_too_small_for_the_vocabulary_names_the_key():
     with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
         tokenizer_lib.train_model_proto([TASK], vocab_size=2048, max_train_chars=10_000)
+
+
+# ------------------------------------------------------------------------ GPT-2 byte-level BPE
+
+GPT2_MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("Ġw", "o")]
+
+
+@pytest.fixture()
+def gpt2_files(tmp_path):
+    """vocab.json + merges.txt in GPT-2's format: the 256 byte tokens, the merges' tokens, <|endoftext|>."""
+    tokens = list(tokenizer_lib.bytes_to_unicode().values()) + [a + b for a, b in GPT2_MERGES] + ["<|endoftext|>"]
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in GPT2_MERGES),
+                                         encoding="utf-8")
+    return tmp_path
+
+
+def gpt2_config(path):
+    cfg = tokenizer_lib.default_tokenizer_config()
+    cfg.kind, cfg.path = "gpt2_bpe", str(path)
+    return cfg
+
+
+def test_gpt2_byte_map_and_pretokenizer_are_gpt2s():
+    chars = tokenizer_lib.bytes_to_unicode()
+    assert (chars[ord(" ")], chars[ord("\n")], chars[ord("a")]) == ("Ġ", "Ċ", "a")
+    assert len(set(chars.values())) == 256
+    split = tokenizer_lib.gpt2_pretokenizer().findall("Hello world, it's 2024!  ok\n\n  x² 日本")
+    assert split == ["Hello", " world", ",", " it", "'s", " 2024", "!", " ", " ok", "\n\n ", " x", "²", " 日本"]
+
+
+def test_gpt2_bpe_applies_merges_by_rank(gpt2_files):
+    tok = tokenizer_lib.load_or_train(gpt2_config(gpt2_files), "", lambda: iter(()))
+    assert tok.vocab_size == 256 + len(GPT2_MERGES) + 1 and tok.eos_id == tok.pad_id == tok.bos_id == 262
+    ids = tok.encode("hello world")
+    assert [tok.piece(i) for i in ids] == ["hello", "Ġwo", "r", "l", "d"]
+    assert tok.decode(ids + [tok.eos_id] + tok.encode("junk")) == "hello world"
+    for text in (CODE, TASK, "日本語 and emoji 🙂", "<|endoftext|> is text here"):
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_id not in tok.encode("<|endoftext|>")
+    assert pickle.loads(pickle.dumps(tok)).encode(CODE) == tok.encode(CODE)
+
+
+def test_gpt2_bpe_missing_files_name_the_key(gpt2_files, tmp_path):
+    (gpt2_files / "merges.txt").unlink()
+    with pytest.raises(ConfigError, match="tokenizer.path=.*no merges.txt"):
+        tokenizer_lib.load_or_train(gpt2_config(gpt2_files), "", lambda: iter(()))
+    with pytest.raises(ConfigError, match="tokenizer.path"):
+        tokenizer_lib.validate_tokenizer_config(gpt2_config(""))
+    cfg = gpt2_config(gpt2_files)
+    cfg.kind = "wordpiece"
+    with pytest.raises(ConfigError, match="tokenizer.kind"):
+        tokenizer_lib.validate_tokenizer_config(cfg)
+
+
+def test_gpt2_bpe_matches_hugging_face_tokenizers(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="the `hf` extra (pip install -e '.[hf]') is not installed")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    reference = tokenizers.Tokenizer(models.BPE())
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    reference.decoder = decoders.ByteLevel()
+    texts = [open(path, encoding="utf-8").read() for path in (json.__file__, textwrap.__file__)] + [TASK]
+    reference.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    reference.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "files").mkdir()
+    reference.model.save(str(tmp_path / "files"))
+    from_json = tokenizer_lib.ByteLevelBPETokenizer.from_path(str(tmp_path / "tokenizer.json"))
+    from_files = tokenizer_lib.ByteLevelBPETokenizer.from_path(str(tmp_path / "files"))
+    assert from_json.vocab_size == from_files.vocab_size == reference.get_vocab_size()
+    for text in [CODE, TASK, "  spaces \n\n\t tabs  ", "it's we'll THEY'RE", "Ⅻ ½ x² 日本語 🙂", texts[0][:3000]]:
+        assert from_json.encode(text) == from_files.encode(text) == reference.encode(text).ids
+        assert from_json.decode(from_json.encode(text)) == text
