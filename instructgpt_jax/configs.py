@@ -99,6 +99,8 @@ def batch_and_lr(size: str) -> tuple[int, float]:
     size = GPT3_ALIASES.get(size, size)
     if size in CPU_SIZES:
         return CPU_SIZES[size][6], CPU_SIZES[size][7]
+    if size not in GPT3_SIZES:
+        raise ConfigError(f"unknown model size {size!r} (key: size); known: {', '.join(SIZES)}")
     tokens, lr = GPT3_SIZES[size][5], GPT3_SIZES[size][6]
     return int(round(tokens / GPT3_CONTEXT / 256) * 256), lr  # 0.5M tokens -> 256 sequences, 3.2M -> 1536
 
@@ -175,6 +177,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     """Checks impossible values once, at start, with a message naming the key."""
     from instructgpt_jax.models import attention
 
+    check_types(c)
     m = c.model
     for key in ("n_layers", "d_model", "n_heads", "d_head", "d_ff", "vocab_size", "max_len"):
         if not isinstance(m[key], int) or m[key] <= 0:
@@ -195,6 +198,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         if t[key] <= 0:
             raise ConfigError(f"train.{key} must be positive, got {t[key]}")
     o = c.optim
+    for key in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip"):
+        if not math.isfinite(o[key]):
+            raise ConfigError(f"optim.{key}={o[key]} must be finite")
     if o.lr <= 0 or not 0 <= o.final_lr_ratio <= 1 or o.warmup_steps < 0 or o.grad_accum_steps < 1:
         raise ConfigError(f"optim: need lr > 0, 0 <= final_lr_ratio <= 1, warmup_steps >= 0, grad_accum_steps >= 1; got {dict(o)}")
     if o.nonfinite not in ("skip", "stop"):
@@ -207,6 +213,32 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         tokenizer.validate_tokenizer_config(c.tokenizer)
     if num_devices is not None:
         validate_mesh(c, num_devices)
+
+
+# Keys whose type a config file could get wrong (command-line overrides are type-checked by ml_collections).
+TYPED_KEYS = {
+    "seed": int,
+    **{f"model.{k}": int for k in ("n_layers", "d_model", "n_heads", "d_head", "d_ff", "vocab_size", "max_len")},
+    **{f"model.{k}": float for k in ("embd_dropout", "attn_dropout", "resid_dropout")},
+    **{f"train.{k}": int for k in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+                                   "checkpoint_every", "keep_checkpoints")},
+    **{f"optim.{k}": float for k in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "final_lr_ratio")},
+    **{f"optim.{k}": int for k in ("warmup_steps", "decay_steps", "grad_accum_steps")},
+    **{f"mesh.{k}": int for k in ("data", "fsdp", "tensor")},
+}
+
+
+def check_types(c: ml_collections.ConfigDict) -> None:
+    """A ConfigError naming the key for a value of the wrong type (an int is accepted for a float)."""
+    for key, kind in TYPED_KEYS.items():
+        node = c
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if node is None:
+            continue
+        ok = isinstance(node, kind) or (kind is float and isinstance(node, int))
+        if not ok or isinstance(node, bool):
+            raise ConfigError(f"{key}={node!r}: expected {kind.__name__}, got {type(node).__name__}")
 
 
 def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:

@@ -285,7 +285,11 @@ def load_tokenizer(tok_cfg: ml_collections.ConfigDict,
                    data_cfg: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
     """`tokenizer.path`, or a tokenizer trained on (and cached beside) the configured data mixture."""
     if tok_cfg.path:
-        return tokenizer_lib.load_or_train(tok_cfg, "", lambda: iter(()))
+        try:
+            return tokenizer_lib.load_or_train(tok_cfg, "", lambda: iter(()))
+        except RuntimeError as e:  # sentencepiece cannot parse the file
+            raise ConfigError(f"tokenizer.path={tok_cfg.path!r}: not a readable tokenizer model "
+                              f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from e
     return tokenizer_lib.load_or_train(
         tok_cfg, sources.data_dir(data_cfg), lambda: tokenizer_texts(data_cfg, tok_cfg.max_train_chars),
         corpus_key=corpus_key(data_cfg))

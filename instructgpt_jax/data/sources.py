@@ -140,6 +140,16 @@ def parse_comparison(obj: dict) -> dict:
         raise _RecordError("missing field 'responses' (or 'chosen' and 'rejected')")
     if len(responses) < 2:
         raise _RecordError(f"a comparison needs K >= 2 responses, got {len(responses)}")
+    first = {}
+    for k, response in enumerate(responses):
+        if response in first:  # a tie: the same text at two ranks says nothing (or contradicts itself)
+            raise _RecordError(f"responses {first[response] + 1} and {k + 1} are identical; a ranking needs "
+                               "distinct responses (ties are not supported: drop the duplicates)")
+        first[response] = k
+    ended = obj.get("ended")
+    if ended is not None and not (isinstance(ended, list) and len(ended) == len(responses)
+                                  and all(isinstance(e, bool) for e in ended)):
+        raise _RecordError(f"field 'ended' must be a list of {len(responses)} booleans, one per response")
     return {"prompt": _text_field(obj, "prompt"), "responses": responses, "meta": _meta(obj, used)}
 
 

@@ -16,7 +16,10 @@ from instructgpt_jax.train.metrics import MetricWriter
 
 
 def enable_compilation_cache() -> None:
-    """Each distinct jitted function costs seconds to compile on CPU: keep them across runs."""
+    """Each distinct jitted function costs seconds to compile on CPU: keep them across runs.
+    A cache directory already configured (tests, an embedding program) is kept."""
+    if jax.config.jax_compilation_cache_dir:
+        return
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/instructgpt_jax/xla"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -30,13 +33,15 @@ def log(msg: str) -> None:
 def prepare_workdir(config, workdir: str) -> str:
     """Creates the workdir (clear error if impossible) and writes config.json into it."""
     workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
     try:
         os.makedirs(workdir, exist_ok=True)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     except OSError as e:
-        raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror})") from e
+        raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror or e})") from e
     return workdir
 
 

@@ -17,13 +17,15 @@ def to_python(metrics: dict) -> dict:
 
 
 class MetricWriter:
+    """Opens its files on the first write, so a run that fails during setup leaves the workdir as it was."""
+
     def __init__(self, workdir: str, stage: str, console=print):
         self.enabled = jax.process_index() == 0
-        self.stage = stage
-        self.console = console
+        self.workdir, self.stage, self.console = workdir, stage, console
         self.tb = self.wandb = self.jsonl = None
-        if not self.enabled:
-            return
+
+    def _open(self) -> None:
+        workdir = self.workdir
         os.makedirs(workdir, exist_ok=True)
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
@@ -33,13 +35,15 @@ class MetricWriter:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=os.environ["WANDB_PROJECT"], name=f"{stage}:{workdir}", reinit=True)
+                self.wandb = wandb.init(project=os.environ["WANDB_PROJECT"], name=f"{self.stage}:{workdir}", reinit=True)
             except ImportError:
                 self.wandb = None
 
     def write(self, step: int, metrics: dict, prefix: str = "train", echo: bool = True) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self._open()
         values = to_python(metrics)
         record = {"stage": self.stage, "split": prefix, "step": int(step), "time": time.time(), **values}
         self.jsonl.write(json.dumps(record) + "\n")
