@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructgpt_jax.data import pipeline, sources, tasks
-from instructgpt_jax.data.tokenizer import PAD_ID
 from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.eval.rm_accuracy import pair_agreement, score_sequences
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.stages import common, sft
 from instructgpt_jax.train import checkpoint, loop, sharding, steps
@@ -127,32 +127,6 @@ def make_score_fn(model: heads.RewardModel, config, mesh):
     """Jitted (params, tokens [N, T], last_index [N]) -> raw scores [N] under the config's sharding rules."""
     fn = jax.jit(lambda params, tokens, last: model.apply({"params": params}, tokens, last))
     return sharding.with_sharding_context(fn, mesh, sharding.rules(config))
-
-
-def score_sequences(score_fn, params, sequences, seq_len: int, chunk: int = 256) -> np.ndarray:
-    """Raw scores of token sequences (each read at its last token), in fixed-size padded chunks."""
-    scores = []
-    for start in range(0, len(sequences), chunk):
-        part = sequences[start:start + chunk]
-        tokens = np.full((chunk, seq_len), PAD_ID, np.int32)
-        last = np.zeros(chunk, np.int32)
-        for i, ids in enumerate(part):
-            tokens[i, :len(ids)], last[i] = ids, len(ids) - 1
-        scores.append(np.asarray(score_fn(params, tokens, last))[:len(part)])
-    return np.concatenate(scores) if scores else np.zeros(0)
-
-
-def pair_agreement(scores, reference, responses) -> tuple[int, int]:
-    """(agreeing, counted) over pairs i < j of distinct strings whose reference values differ: pairs the
-    scores order the same way as `reference` (higher = better)."""
-    agree = total = 0
-    for i in range(len(scores)):
-        for j in range(i + 1, len(scores)):
-            if responses[i] == responses[j] or reference[i] == reference[j]:
-                continue
-            total += 1
-            agree += int(np.sign(scores[i] - scores[j]) == np.sign(reference[i] - reference[j]))
-    return agree, total
 
 
 def held_out_metrics(config, score_fn, params, tokenizer, built) -> dict:

@@ -23,6 +23,8 @@ import numpy as np
 from instructgpt_jax import configs
 from instructgpt_jax.data import pipeline, sources, tasks
 from instructgpt_jax.errors import CheckpointError, ConfigError
+from instructgpt_jax.eval.gold import gold_scores
+from instructgpt_jax.eval.stats import mean_ci
 from instructgpt_jax.models import gpt
 from instructgpt_jax.stages import common
 from instructgpt_jax.train import checkpoint, loop, sharding, steps
@@ -223,16 +225,6 @@ def mean_greedy_reward(sampler, reward_fn, params, prompt_ids, config) -> float:
     for _, count, mask, output in generate(sampler, params, prompt_ids, jax.random.PRNGKey(0), 0.0, config):
         scores += list(reward_of_samples(reward_fn, mask, output)[:count])
     return float(np.mean(scores))
-
-
-def gold_scores(prompts, responses, ended) -> np.ndarray:
-    return np.array([tasks.gold_score(p, r, e) for p, r, e in zip(prompts, responses, ended)])
-
-
-def mean_ci(values) -> dict:
-    """Mean and 95% normal-approximation half-width."""
-    values = np.asarray(values, dtype=np.float64)
-    return {"mean": float(values.mean()), "ci95": float(1.96 * values.std(ddof=1) / np.sqrt(len(values)))}
 
 
 def gold_evaluation(config, sampler, tokenizer, named_params: dict) -> dict:
