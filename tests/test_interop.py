@@ -87,8 +87,11 @@ def test_imported_workdir_is_what_a_stage_loads(tiny, tmp_path):
     loaded, loaded_cfg = hf_gpt2.read_params_workdir(str(tmp_path))
     assert gpt.GPTConfig.from_config(loaded_cfg) == cfg
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
-    flags = hf_gpt2.config_overrides(model_cfg)
-    assert "--config.model.d_model=32" in flags and "--config.model.vocab_size=300" in flags
+    flags = hf_gpt2.config_overrides(model_cfg, str(tmp_path))
+    assert "--config.model.d_model=32" in flags and "--config.train.seq_len=32" in flags
+    assert not any("tokenizer" in f for f in flags)  # no vocab.json / merges.txt there
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert f"--config.tokenizer.path={tmp_path}" in hf_gpt2.config_overrides(model_cfg, str(tmp_path))
 
 
 def write_hf_dir(path, config: dict, state: dict):

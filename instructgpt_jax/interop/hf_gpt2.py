@@ -31,6 +31,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
 
+from instructgpt_jax.data.tokenizer import gpt2_bpe_files
 from instructgpt_jax.errors import CheckpointError, ConfigError, UserError
 from instructgpt_jax.models import attention, gpt
 
@@ -274,11 +275,20 @@ def export_hf_gpt2(params, model_cfg, out_dir: str, eos_token_id: int | None = N
 # ------------------------------------------------------------------------------ workdirs
 
 
-def config_overrides(model_cfg: ml_collections.ConfigDict) -> list[str]:
-    """The --config.model.* flags that make a stage's model match an imported one."""
+def config_overrides(model_cfg: ml_collections.ConfigDict, hf_dir: str | None = None) -> list[str]:
+    """The --config flags that make a stage's model match an imported one (train.seq_len: the whole context,
+    lower it at will), and GPT-2's tokenizer when hf_dir holds its files."""
     keys = ("vocab_size", "max_len", "n_layers", "d_model", "n_heads", "d_head", "d_ff")
-    return [f"--config.model.{k}={model_cfg[k]}" for k in keys] + \
-        [f"--config.model.attention.block_size={model_cfg.attention.block_size}"]
+    flags = [f"--config.model.{k}={model_cfg[k]}" for k in keys]
+    flags += [f"--config.model.attention.block_size={model_cfg.attention.block_size}",
+              f"--config.train.seq_len={model_cfg.max_len}"]
+    if hf_dir is not None:
+        try:
+            gpt2_bpe_files(hf_dir)
+            flags += ["--config.tokenizer.kind=gpt2_bpe", f"--config.tokenizer.path={os.path.abspath(hf_dir)}"]
+        except ConfigError:  # no tokenizer files there: the user names them
+            pass
+    return flags
 
 
 def write_params_workdir(workdir: str, params, model_cfg: ml_collections.ConfigDict) -> None:
@@ -320,7 +330,7 @@ def main(argv: list[str]) -> int:
             params, model_cfg = import_hf_gpt2(argv[1])
             write_params_workdir(argv[2], params, model_cfg)
             print(f"wrote {argv[2]}; start a stage from it with --config.init.params={os.path.abspath(argv[2])} "
-                  + " ".join(config_overrides(model_cfg)))
+                  + " ".join(config_overrides(model_cfg, argv[1])))
         else:
             params, model_cfg = read_params_workdir(argv[1])
             export_hf_gpt2(params, model_cfg, argv[2], int(argv[3]) if len(argv) == 4 else None)
