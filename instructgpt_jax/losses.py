@@ -73,3 +73,102 @@ def pairwise_accuracy(scores, num_responses):
     pairs = _ordered_pairs(num_responses, scores.shape[1])
     correct = (scores[:, :, None] > scores[:, None, :]) & pairs
     return correct.sum() / jnp.maximum(pairs.sum(), 1)
+
+
+# ------------------------------------------------------------------------------ PPO (Schulman et al. 2017)
+
+
+def masked_mean(x, mask, axis=None):
+    mask = mask.astype(jnp.float32)
+    return (x * mask).sum(axis=axis) / jnp.maximum(mask.sum(axis=axis), 1.0)
+
+
+def masked_whiten(x, mask, shift_mean: bool = True):
+    """(x − mean) / std over the masked entries; with shift_mean=False the mean is added back (Ziegler et
+    al. 2019 whiten rewards without shifting them, so the sign of a reward survives)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean(jnp.square(x - mean), mask)
+    whitened = (x - mean) * jax.lax.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_penalised_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef):
+    """Per-token rewards of InstructGPT's objective (Ouyang et al. 2022, eq. 2):
+
+        r_t = −β · (log π(y_t|·) − log π_SFT(y_t|·)),  plus the RM score r_θ(x, y) at the last token.
+
+    logprobs, ref_logprobs, response_mask [B, N]; scores [B]. Returns (rewards [B, N], per-token KL [B, N]).
+    """
+    mask = response_mask.astype(jnp.float32)
+    kl = (logprobs - ref_logprobs) * mask
+    last = jnp.maximum(mask.sum(axis=-1).astype(jnp.int32) - 1, 0)
+    at_last = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * mask
+    return -kl_coef * kl + scores[:, None] * at_last, kl
+
+
+def generalized_advantages(rewards, values, response_mask, gamma: float = 1.0, lam: float = 0.95):
+    """GAE (Schulman et al. 2016, eq. 16) over response tokens; the episode ends after the last one.
+
+        δ_t = r_t + γ·V_{t+1} − V_t,   A_t = δ_t + γλ·A_{t+1},   returns R_t = A_t + V_t
+
+    rewards, values, response_mask [B, N] (mask 1 up to and including EOS). Past the last token V = 0 and
+    A = 0. Returns (advantages, returns), 0 where masked.
+    """
+    mask = response_mask.astype(jnp.float32)
+    values = values * mask
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    deltas = (rewards + gamma * next_values - values) * mask
+
+    def backward(carry, delta_and_mask):
+        delta, m = delta_and_mask
+        advantage = delta + gamma * lam * carry * m
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(deltas[:, 0]), (deltas.T, mask.T), reverse=True)
+    advantages = advantages.T * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss, averaged over response tokens.
+
+    Returns (loss, metrics): clip fraction and approximate KL(π_old ‖ π) = mean ½(log ratio)² (Schulman's k2).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {"clip_fraction": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+               "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask)}
+    return loss, metrics
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
+    """Clipped value loss (as in OpenAI baselines' PPO2, used by Ziegler et al. 2019):
+    ½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), averaged over response tokens.
+    Returns (loss, clip fraction)."""
+    clipped_values = old_values + jnp.clip(values - old_values, -clip, clip)
+    unclipped_loss, clipped_loss = jnp.square(values - returns), jnp.square(clipped_values - returns)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped_loss, clipped_loss), mask)
+    return loss, masked_mean((clipped_loss > unclipped_loss).astype(jnp.float32), mask)
+
+
+def entropy(logits):
+    """Entropy [...] of softmax(logits [..., V])."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -(jnp.exp(logp) * logp).sum(axis=-1)
+
+
+def explained_variance(predictions, targets, mask):
+    """1 − Var[targets − predictions] / Var[targets] over masked entries (1 = perfect, ≤ 0 = useless)."""
+    def var(x):
+        return masked_mean(jnp.square(x - masked_mean(x, mask)), mask)
+    return 1.0 - var(targets - predictions) / jnp.maximum(var(targets), 1e-8)
+
+
+def adaptive_kl_coef(kl_coef, observed_kl, target: float, horizon: float, n_steps: int):
+    """Ziegler et al. (2019, §2.2) proportional controller, in the form of their code (lm-human-preferences):
+    β ← β·(1 + e·n/horizon), e = clip(KL/KL_target − 1, −0.2, 0.2), n = episodes since the last update."""
+    error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

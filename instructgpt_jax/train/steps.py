@@ -36,8 +36,10 @@ def init_state_fn(model: gpt.GPT, tx: optax.GradientTransformation, seq_len: int
     return init
 
 
-def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema_decay: float | None = None):
-    """One optimizer update; a non-finite gradient leaves params and optimizer state unchanged."""
+def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema_decay: float | None = None,
+                 ema_of=lambda params: params):
+    """One optimizer update; a non-finite gradient leaves params and optimizer state unchanged.
+    With ema_decay, state.ema_params tracks ema_of(params) (e.g. only the policy of a PPO state)."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -46,20 +48,22 @@ def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema
     params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
     ema = state.ema_params
     if ema is not None and ema_decay is not None:
-        ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
+        ema = optax.incremental_update(ema_of(params), ema, step_size=1.0 - ema_decay)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new_state, {"grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
 
-def make_update_step(loss_fn: LossFn, config, mesh, state_shardings, batch_shardings, ema_decay=None):
-    """Jitted `(state, batch) -> (state, metrics)` with declared shardings and the state donated."""
-    tx = make_optimizer(config.optim)
+def make_update_step(loss_fn: LossFn, config, mesh, state_shardings, batch_shardings, ema_decay=None,
+                     ema_of=lambda params: params, tx: optax.GradientTransformation | None = None):
+    """Jitted `(state, batch) -> (state, metrics)` with declared shardings and the state donated.
+    tx defaults to the optimizer of config.optim."""
+    tx = make_optimizer(config.optim) if tx is None else tx
     schedule = learning_rate_schedule(config.optim)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        new_state, update_metrics = apply_update(state, grads, tx, ema_decay)
+        new_state, update_metrics = apply_update(state, grads, tx, ema_decay, ema_of)
         return new_state, {**metrics, **update_metrics, "loss": loss, "lr": schedule(state.step)}
 
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
@@ -160,3 +164,50 @@ def make_rm_step(config, model, mesh, state_shardings):
 
 def make_rm_eval_step(config, model, mesh, params_shardings):
     return make_eval_step(rm_loss(model), config, mesh, params_shardings, sharding.batch_sharding(mesh))
+
+
+def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
+    """PPO on params {"policy", "value"} for a minibatch of a rollout (rl/rollout.Rollout fields) plus, for
+    PPO-ptx, "pretrain_tokens" [B_ptx, T+1]:
+
+        loss = clipped surrogate + c_v · clipped value loss − c_H · entropy + γ_ptx · LM loss (eq. 2)
+
+    No dropout: the ratio π/π_old must compare the same function the rollout sampled from."""
+    from instructgpt_jax.rl import rollout
+
+    def loss_fn(params, batch, rng):
+        del rng
+        args = (batch["tokens"], batch["prompt_mask"], batch["response_mask"])
+        mask = batch["response_mask"]
+        logprobs, logits = rollout.response_logprobs(policy_model, params["policy"], *args, ppo_cfg.temperature)
+        policy_loss, metrics = losses.ppo_policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask,
+                                                      ppo_cfg.clip)
+        values = rollout.response_values(value_model, params["value"], *args)
+        value_loss, value_clip_fraction = losses.ppo_value_loss(values, batch["values"], batch["returns"], mask,
+                                                                ppo_cfg.value_clip)
+        entropy = losses.masked_mean(losses.entropy(logits), mask)
+        loss = policy_loss + ppo_cfg.value_coef * value_loss - ppo_cfg.entropy_coef * entropy
+        metrics.update(policy_loss=policy_loss, value_loss=value_loss, value_clip_fraction=value_clip_fraction,
+                       entropy=entropy, explained_variance=losses.explained_variance(values, batch["returns"], mask))
+        if ppo_cfg.ptx_coef:
+            pretrain = batch["pretrain_tokens"]
+            ptx_loss = losses.lm_loss(policy_model.apply({"params": params["policy"]}, pretrain[:, :-1]), pretrain[:, 1:])
+            loss = loss + ppo_cfg.ptx_coef * ptx_loss
+            metrics["ptx_loss"] = ptx_loss
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_ppo_optimizer(config) -> optax.GradientTransformation:
+    """Separate AdamW (and clipping) for the policy (config.optim) and the value model (config.value_optim)."""
+    return optax.multi_transform({"policy": make_optimizer(config.optim), "value": make_optimizer(config.value_optim)},
+                                 param_labels={"policy": "policy", "value": "value"})
+
+
+def make_ppo_step(config, policy_model, value_model, mesh, state_shardings):
+    """One PPO minibatch update; EMA of the policy weights (InstructGPT: 0.992) when ppo.ema_decay > 0."""
+    ema = config.ppo.ema_decay or None
+    return make_update_step(ppo_loss(policy_model, value_model, config.ppo), config, mesh, state_shardings,
+                            sharding.batch_sharding(mesh), ema_decay=ema, ema_of=lambda params: params["policy"],
+                            tx=make_ppo_optimizer(config))

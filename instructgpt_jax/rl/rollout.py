@@ -1,0 +1,120 @@
+"""PPO rollouts: sampled responses -> policy/reference log-probs, values, RM scores -> rewards -> advantages.
+
+A rollout batch is the sampler's output: left-padded prompts [B, P] followed by responses [B, N] (pad after
+EOS). Every model reads it with the same position ids (real tokens only) and padding mask, so the logits at
+column P−1+t score response token t, and the value there is V(s_t), the state before token t.
+
+`score_rollout` is one pure function (jitted by `make_scorer`): the forward passes of policy, reference,
+value and reward model, then InstructGPT's per-token reward (eq. 2), GAE and advantage whitening. The PPO
+update (`train/steps.make_ppo_step`) reads the same columns through `response_logits`/`response_values`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from instructgpt_jax import losses
+from instructgpt_jax.rl import sampling
+from instructgpt_jax.train import sharding
+
+
+@flax.struct.dataclass
+class Rollout:
+    tokens: jax.Array         # [B, P+N] prompt (left-padded) + response
+    prompt_mask: jax.Array    # [B, P] bool
+    response_mask: jax.Array  # [B, N] float32: 1 up to and including EOS
+    logprobs: jax.Array       # [B, N] log π_old(y_t) at the sampling temperature
+    ref_logprobs: jax.Array   # [B, N] log π_SFT(y_t), same temperature
+    values: jax.Array         # [B, N] V_old(s_t)
+    scores: jax.Array         # [B] RM score − bias − no-EOS penalty
+    rewards: jax.Array        # [B, N] −β·KL_t, plus the score at the last token
+    advantages: jax.Array     # [B, N] GAE, whitened over the batch
+    returns: jax.Array        # [B, N] value targets: unwhitened advantages + values
+    kl: jax.Array             # [B, N] log π_old − log π_SFT per token
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """What shapes the reward and advantages (config.ppo); fixed per run."""
+    temperature: float = 1.0
+    gamma: float = 1.0           # InstructGPT: no discount
+    lam: float = 0.95            # GAE λ
+    no_eos_penalty: float = 0.0  # subtracted from the score of a response that never emitted EOS
+    whiten_rewards: bool = False
+
+    @classmethod
+    def from_config(cls, ppo_cfg) -> "RolloutSettings":
+        return cls(temperature=ppo_cfg.temperature, gamma=ppo_cfg.gamma, lam=ppo_cfg.gae_lambda,
+                   no_eos_penalty=ppo_cfg.no_eos_penalty, whiten_rewards=ppo_cfg.whiten_rewards)
+
+
+def sequence_inputs(prompt_mask, response_mask):
+    """(positions, valid) [B, P+N] for prompt + response: padding (left of the prompt, after EOS) is invalid."""
+    valid = jnp.concatenate([prompt_mask.astype(bool), response_mask > 0], axis=1)
+    return sampling.positions_from_mask(valid), valid
+
+
+def response_logits(model, params, tokens, prompt_mask, response_mask, temperature):
+    """Logits [B, N, V] / temperature that scored each response token (π's tempered distribution)."""
+    positions, valid = sequence_inputs(prompt_mask, response_mask)
+    logits = model.apply({"params": params}, tokens[:, :-1], positions[:, :-1], valid[:, :-1])
+    return logits[:, prompt_mask.shape[1] - 1:] / temperature
+
+
+def response_logprobs(model, params, tokens, prompt_mask, response_mask, temperature):
+    logits = response_logits(model, params, tokens, prompt_mask, response_mask, temperature)
+    return losses.token_logprobs(logits, tokens[:, prompt_mask.shape[1]:]) * response_mask, logits
+
+
+def response_values(value_model, params, tokens, prompt_mask, response_mask):
+    """V(s_t) [B, N]: the value head at the column before each response token."""
+    positions, valid = sequence_inputs(prompt_mask, response_mask)
+    values = value_model.apply({"params": params}, tokens[:, :-1], None, positions[:, :-1], valid[:, :-1])
+    return values[:, prompt_mask.shape[1] - 1:] * response_mask
+
+
+def reward_scores(reward_model, params, tokens, prompt_mask, response_mask, bias):
+    """RM score − bias [B], read at each response's last token (EOS, or the last of one that never ended)."""
+    positions, valid = sequence_inputs(prompt_mask, response_mask)
+    last = prompt_mask.shape[1] + jnp.maximum(response_mask.sum(axis=-1).astype(jnp.int32), 1) - 1
+    return reward_model.apply({"params": params}, tokens, last, positions, valid) - bias
+
+
+def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_params, value_params, ref_params,
+                  rm_params, rm_bias, kl_coef, tokens, prompt_mask, response_mask, ended) -> Rollout:
+    """Everything PPO needs from a sampled batch (pure; no gradients flow through it)."""
+    response_mask = response_mask.astype(jnp.float32)
+    args = (tokens, prompt_mask, response_mask)
+    logprobs, _ = response_logprobs(policy_model, policy_params, *args, settings.temperature)
+    ref_logprobs, _ = response_logprobs(policy_model, ref_params, *args, settings.temperature)
+    values = response_values(reward_model, value_params, *args)
+    scores = reward_scores(reward_model, rm_params, *args, rm_bias)
+    scores = scores - settings.no_eos_penalty * (1.0 - ended.astype(jnp.float32))
+    rewards, kl = losses.kl_penalised_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef)
+    if settings.whiten_rewards:
+        rewards = losses.masked_whiten(rewards, response_mask, shift_mean=False)
+    advantages, returns = losses.generalized_advantages(rewards, values, response_mask, settings.gamma, settings.lam)
+    return Rollout(tokens=tokens, prompt_mask=prompt_mask, response_mask=response_mask, logprobs=logprobs,
+                   ref_logprobs=ref_logprobs, values=values, scores=scores, rewards=rewards,
+                   advantages=losses.masked_whiten(advantages, response_mask), returns=returns, kl=kl)
+
+
+def make_scorer(config, policy_model, reward_model, mesh, policy_shardings, value_shardings):
+    """Jitted `(policy, value, ref, rm params, rm_bias, kl_coef, tokens, prompt_mask, response_mask, ended)
+    -> Rollout`, batch-sharded; β and the bias are traced scalars (an adaptive β never recompiles)."""
+    settings = RolloutSettings.from_config(config.ppo)
+    fn = functools.partial(score_rollout, policy_model, reward_model, settings)
+    batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    jitted = jax.jit(fn, in_shardings=(policy_shardings, value_shardings, policy_shardings, value_shardings,
+                                       replicated, replicated, batch, batch, batch, batch), out_shardings=batch)
+    in_context = sharding.with_sharding_context(jitted, mesh, sharding.rules(config))
+
+    def scorer(policy_params, value_params, ref_params, rm_params, rm_bias, kl_coef, output, prompt_mask) -> Rollout:
+        return in_context(policy_params, value_params, ref_params, rm_params, jnp.float32(rm_bias),
+                          jnp.float32(kl_coef), output.tokens, prompt_mask, output.response_mask, output.ended)
+
+    return scorer

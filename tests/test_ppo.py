@@ -1,0 +1,293 @@
+"""PPO: losses against hand computations and reference loops, rollout scoring, the sharded update, the stage."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instructgpt_jax import losses
+from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.models import gpt, heads
+from instructgpt_jax.rl import rollout, sampling
+from instructgpt_jax.stages import ppo, rm
+from instructgpt_jax.train import checkpoint, sharding, steps
+from test_sft import experiment_config, save_initial_model, stage_config, write_tokenizer
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    advantages = np.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        last = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1] if t + 1 < n else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            last = delta + gamma * lam * last
+            advantages[b, t] = last
+    returns = (advantages + values) * (np.arange(rewards.shape[1]) < np.array(lengths)[:, None])
+    return advantages, returns
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5)])
+def test_gae_equals_a_reference_loop(gamma, lam):
+    rng = np.random.default_rng(0)
+    lengths = [5, 1, 3, 6]
+    mask = (np.arange(6) < np.array(lengths)[:, None]).astype(np.float32)
+    rewards = rng.normal(size=(4, 6)).astype(np.float32) * mask
+    values = rng.normal(size=(4, 6)).astype(np.float32)  # garbage past the end must not leak in
+    advantages, returns = losses.generalized_advantages(rewards, values, mask, gamma, lam)
+    want_adv, want_ret = gae_reference(rewards, values * mask, lengths, gamma, lam)
+    np.testing.assert_allclose(advantages, want_adv, atol=1e-5)
+    np.testing.assert_allclose(returns, want_ret, atol=1e-5)
+
+
+def test_clipped_surrogate_equals_hand_computed_values():
+    # ratios e^0.5 ≈ 1.65 (clipped to 1.2 for A > 0), e^-0.5 ≈ 0.61 (clipped to 0.8 for A < 0), 1.0
+    old = np.zeros((1, 4), np.float32)
+    new = np.array([[0.5, -0.5, 0.5, 0.0]], np.float32)
+    adv = np.array([[1.0, -1.0, -2.0, 3.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0]], np.float32)
+    loss, metrics = losses.ppo_policy_loss(new, old, adv, mask, clip=0.2)
+    r = np.exp(0.5)
+    # per token: max(-A·r, -A·clip(r)): A=1,r=1.65 -> max(-1.65,-1.2) = -1.2; A=-1,r=0.61 -> max(0.61,0.8) = 0.8;
+    # A=-2, r=1.65 -> max(3.30, 2.4) = 3.30 (unclipped: pessimistic)
+    assert float(loss) == pytest.approx((-1.2 + 0.8 + 2 * r) / 3, abs=1e-5)
+    assert float(metrics["clip_fraction"]) == pytest.approx(2 / 3)
+    assert float(metrics["approx_kl"]) == pytest.approx(0.125, abs=1e-6)
+
+
+def test_value_clipping_equals_hand_computed_values():
+    old = np.array([[0.0, 0.0, 1.0]], np.float32)
+    new = np.array([[1.0, 0.1, 0.5]], np.float32)
+    ret = np.array([[2.0, -1.0, 0.0]], np.float32)
+    mask = np.ones((1, 3), np.float32)
+    loss, clip_fraction = losses.ppo_value_loss(new, old, ret, mask, clip=0.2)
+    # clipped values 0.2, 0.1, 0.8: squared errors max((1-2)²,(0.2-2)²)=3.24, max(1.21,1.21)=1.21, max(0.25,0.64)=0.64
+    assert float(loss) == pytest.approx(0.5 * (3.24 + 1.21 + 0.64) / 3, abs=1e-5)
+    assert float(clip_fraction) == pytest.approx(2 / 3)
+
+
+def test_kl_penalty_is_per_token_and_the_score_lands_on_the_last_token():
+    logprobs = np.array([[-1.0, -2.0, -0.5, 0.0], [-1.0, 0.0, 0.0, 0.0]], np.float32)
+    ref = np.array([[-1.5, -1.0, -0.5, -3.0], [-2.0, 0.0, 0.0, 0.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.float32)
+    rewards, kl = losses.kl_penalised_rewards(logprobs, ref, np.array([10.0, -4.0]), mask, kl_coef=0.1)
+    np.testing.assert_allclose(kl, [[0.5, -1.0, 0.0, 0.0], [1.0, 0, 0, 0]], atol=1e-6)
+    np.testing.assert_allclose(rewards, [[-0.05, 0.1, 10.0, 0.0], [-0.1 - 4.0, 0, 0, 0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("observed,direction", [(12.0, 1), (6.0, 0), (1.0, -1)])
+def test_adaptive_kl_controller_moves_beta_towards_the_target(observed, direction):
+    new = float(losses.adaptive_kl_coef(0.1, observed, target=6.0, horizon=10_000, n_steps=512))
+    assert (new == pytest.approx(0.1, rel=1e-6)) if direction == 0 else np.sign(new - 0.1) == direction
+    assert abs(new / 0.1 - 1) <= 0.2 * 512 / 10_000 + 1e-9  # the proportional error is clipped at ±20%
+
+
+def test_whitening_gives_zero_mean_unit_variance_on_the_mask():
+    x = np.array([[1.0, 2.0, 3.0, 100.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0]], np.float32)
+    w = np.asarray(losses.masked_whiten(x, mask))
+    assert w[0, :3].mean() == pytest.approx(0, abs=1e-6) and w[0, :3].std() == pytest.approx(1, abs=1e-3)
+    assert w[0, 3] == 0
+    kept = np.asarray(losses.masked_whiten(x, mask, shift_mean=False))
+    assert kept[0, :3].mean() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_explained_variance_is_one_for_perfect_values_and_zero_for_the_mean():
+    ret = np.array([[1.0, 2.0, 3.0]], np.float32)
+    mask = np.ones_like(ret)
+    assert float(losses.explained_variance(ret, ret, mask)) == pytest.approx(1.0)
+    assert float(losses.explained_variance(np.full_like(ret, 2.0), ret, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ rollout and step
+
+
+@pytest.fixture(scope="module")
+def models():
+    c = experiment_config("ppo", "size=test,variant=ppo_ptx")
+    c.model.vocab_size = c.reward_model.vocab_size = 512
+    policy = steps.build_model(c)
+    value = heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model))
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    policy_params = nn.meta.unbox(policy.init(jax.random.PRNGKey(0), tokens)["params"])
+    value_params = nn.meta.unbox(value.init(jax.random.PRNGKey(1), tokens)["params"])
+    return c, policy, value, policy_params, value_params
+
+
+def sampled(policy, params, batch=4, prompt_len=6, new=5, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [list(rng.integers(4, 512, size=n)) for n in rng.integers(2, prompt_len + 1, size=batch)]
+    tokens, mask = sampling.left_pad(prompts, prompt_len)
+    out = sampling.sample(policy, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(seed),
+                          jnp.float32(0.7), jnp.float32(1.0), max_new_tokens=new)
+    return out, jnp.asarray(mask)
+
+
+def score(c, policy, value, policy_params, value_params, out, mask, ref_params=None, kl_coef=0.02):
+    settings = rollout.RolloutSettings(temperature=0.7)
+    return rollout.score_rollout(policy, value, settings, policy_params, value_params,
+                                 policy_params if ref_params is None else ref_params, value_params, 0.25, kl_coef,
+                                 out.tokens, mask, out.response_mask, out.ended)
+
+
+def test_rollout_logprobs_equal_the_samplers_and_kl_to_itself_is_zero(models):
+    c, policy, value, policy_params, value_params = models
+    out, mask = sampled(policy, policy_params)
+    batch = score(c, policy, value, policy_params, value_params, out, mask)
+    # the scoring forward pass reads the same columns the sampler drew from (same temperature)
+    np.testing.assert_allclose(batch.logprobs, out.logprobs, atol=2e-5)
+    np.testing.assert_allclose(batch.kl, 0.0, atol=1e-6)
+    raw = value.apply({"params": value_params}, out.tokens, mask.shape[1] + out.lengths - 1,
+                      *rollout.sequence_inputs(mask, out.response_mask))
+    np.testing.assert_allclose(batch.scores, raw - 0.25, atol=1e-5)
+    assert float(jnp.abs(batch.advantages).sum()) > 0
+
+
+def test_kl_to_a_different_reference_is_positive_on_average(models):
+    c, policy, value, policy_params, value_params = models
+    other = nn.meta.unbox(policy.init(jax.random.PRNGKey(7), jnp.zeros((1, 16), jnp.int32))["params"])
+    out, mask = sampled(policy, policy_params, batch=16)
+    batch = score(c, policy, value, policy_params, value_params, out, mask, ref_params=other)
+    assert float(batch.kl.sum(axis=-1).mean()) > 0
+
+
+def minibatch(models, with_ptx=True):
+    c, policy, value, policy_params, value_params = models
+    out, mask = sampled(policy, policy_params, batch=8)
+    batch = score(c, policy, value, policy_params, value_params, out, mask)
+    mb = {k: getattr(batch, k) for k in ppo.STEP_KEYS}
+    mb["logprobs"] = mb["logprobs"] - 0.1 * mb["response_mask"]  # an older policy: ratios != 1
+    if with_ptx:
+        mb["pretrain_tokens"] = jax.random.randint(jax.random.PRNGKey(3), (8, 17), 0, 512)
+    return mb
+
+
+def ppo_update(models, mesh_shape, n_devices, mb, ptx_coef=27.8):
+    c, policy, value, policy_params, value_params = models
+    c = c.copy_and_resolve_references()
+    c.ppo.ptx_coef = ptx_coef
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+    mesh = sharding.make_mesh(c, jax.devices()[:n_devices])
+    init = ppo.init_state_fn(policy, value, steps.make_ppo_optimizer(c), 16, ema=True)
+    state, shardings = sharding.sharded_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
+    params = jax.tree.map(jnp.copy, {"policy": policy_params, "value": value_params})  # the step donates its state
+    state = state.replace(params=jax.device_put(params, shardings.params),
+                          ema_params=jax.device_put(jax.tree.map(jnp.copy, policy_params), shardings.params["policy"]))
+    step = steps.make_ppo_step(c, policy, value, mesh, shardings)
+    for _ in range(2):
+        state, metrics = step(state, mb)
+    return jax.device_get(metrics), jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def single_device_update(models):
+    mb = minibatch(models)
+    return mb, ppo_update(models, (1, 1, 1), 1, mb)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_ppo_step_on_a_mesh_equals_one_device(models, single_device_update, mesh_shape):
+    mb, (metrics1, state1) = single_device_update
+    metrics8, state8 = ppo_update(models, mesh_shape, 8, mb)
+    assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-6)  # 27.8·ptx: loss ≈ 174
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state1.params, state8.params)
+
+
+def test_ppo_step_moves_policy_value_and_a_slower_ema(single_device_update, models):
+    _, _, _, policy_params, value_params = models
+    _, (metrics, state) = single_device_update
+    changed = lambda a, b: any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa
+    assert changed(state.params["policy"], policy_params) and changed(state.params["value"], value_params)
+    delta = lambda a: sum(float(np.abs(x - y).sum()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(policy_params)))  # noqa
+    assert 0 < delta(state.ema_params) < 0.05 * delta(state.params["policy"])  # EMA 0.992 over 2 steps
+    assert 0 < float(metrics["clip_fraction"]) <= 1 and float(metrics["ptx_loss"]) > 0
+
+
+def test_ppo_ptx_adds_gamma_times_the_pretraining_lm_loss(models):
+    c, policy, value, policy_params, value_params = models
+    mb = minibatch(models)
+    params = {"policy": policy_params, "value": value_params}
+    with_ptx = c.ppo.copy_and_resolve_references()
+    without = c.ppo.copy_and_resolve_references()
+    with_ptx.ptx_coef, without.ptx_coef = 27.8, 0.0
+    loss, metrics = steps.ppo_loss(policy, value, with_ptx)(params, mb, None)
+    plain, plain_metrics = steps.ppo_loss(policy, value, without)(params, mb, None)
+    assert "ptx_loss" not in plain_metrics
+    lm = losses.lm_loss(policy.apply({"params": policy_params}, mb["pretrain_tokens"][:, :-1]), mb["pretrain_tokens"][:, 1:])
+    assert float(metrics["ptx_loss"]) == pytest.approx(float(lm), rel=1e-6)
+    assert float(loss) == pytest.approx(float(plain) + 27.8 * float(lm), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    return root, write_tokenizer(root / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def earlier_stages(env):
+    """sft (a fresh model saved as if trained) and a real RM stage run on its samples."""
+    root, tokenizer_path = env
+    c = stage_config("rm", root, tokenizer_path)
+    c.labeler.num_demonstrations = 200
+    c.rm.ceiling_prompts = 50
+    save_initial_model(c, str(root / "run" / "sft"))
+    rm.run(c, str(root / "run" / "rm"))
+    return root / "run"
+
+
+def ppo_config(env, **ppo):
+    root, tokenizer_path = env
+    c = stage_config("ppo", root, tokenizer_path, "size=test,variant=ppo_ptx")
+    c.ppo.update(dict(batch_size=16, minibatch_size=8, ptx_batch_size=8, eval_prompts=16, eval_lm_batches=1,
+                      num_prompts=64, prompt_len=24, max_new_tokens=8), **ppo)
+    return c
+
+
+def test_ppo_stage_trains_evaluates_and_resumes_exactly(env, earlier_stages):
+    straight = ppo.run(ppo_config(env, iterations=3), str(earlier_stages / "ppo_straight"))
+    ppo.run(ppo_config(env, iterations=2), str(earlier_stages / "ppo_resumed"))
+    resumed = ppo.run(ppo_config(env, iterations=3), str(earlier_stages / "ppo_resumed"))
+    for name in ("sft", "ppo"):
+        assert resumed[name]["sampled"]["gold"] == straight[name]["sampled"]["gold"]
+    assert straight["sft"]["sampled"]["kl_to_sft"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    c = ppo_config(env)
+    mesh = sharding.make_mesh(c)
+    init = ppo.init_state_fn(steps.build_model(c), heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model)),
+                             steps.make_ppo_optimizer(c), 32, ema=True)
+    abstract, _ = sharding.abstract_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
+    a = checkpoint.Checkpointer(str(earlier_stages / "ppo_straight")).restore(abstract)
+    b = checkpoint.Checkpointer(str(earlier_stages / "ppo_resumed")).restore(abstract)
+    assert a[1] == b[1] and a[1]["iteration"] == 3  # iteration, β, ptx iterator position
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a[0], b[0])
+    rows = [json.loads(line) for line in open(earlier_stages / "ppo_straight" / "metrics.jsonl")]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for key in ("rm_score", "gold_score", "kl", "entropy", "response_length", "clip_fraction", "approx_kl",
+                "value_loss", "explained_variance", "ptx_loss", "time_generate", "time_score", "time_update",
+                "episodes_per_s"):
+        assert np.isfinite(train[-1][key]), key
+    assert os.path.isfile(earlier_stages / "ppo_straight" / ppo.EVAL_FILE)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("ppo.minibatch_size", 3, "not divisible by ppo.minibatch_size"),
+    ("ppo.max_new_tokens", 200, "exceeds model.max_len"),
+    ("ppo.overlong_prompts", "cut", "overlong_prompts"),
+    ("init.reward", "", "init.reward"),
+])
+def test_bad_ppo_config_names_the_key(env, key, value, message):
+    c = ppo_config(env)
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        ppo.validate_ppo_config(c)
