@@ -84,8 +84,9 @@ def test_bfloat16_checkpoint_is_read(tiny, tmp_path):
 def test_imported_workdir_is_what_a_stage_loads(tiny, tmp_path):
     model_cfg, cfg, params = tiny
     hf_gpt2.write_params_workdir(str(tmp_path), params, model_cfg)
-    loaded, loaded_cfg = hf_gpt2.read_params_workdir(str(tmp_path))
-    assert gpt.GPTConfig.from_config(loaded_cfg) == cfg
+    loaded, loaded_cfg, eos_id = hf_gpt2.read_params_workdir(str(tmp_path))
+    assert gpt.GPTConfig.from_config(loaded_cfg) == cfg and eos_id == 299  # GPT-2's: the last entry
+    assert hf_gpt2.workdir_eos_id({"model": {"vocab_size": 300}, "tokenizer": {"kind": "sentencepiece"}}) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
     flags = hf_gpt2.config_overrides(model_cfg, str(tmp_path))
     assert "--config.model.d_model=32" in flags and "--config.train.seq_len=32" in flags

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 import unicodedata

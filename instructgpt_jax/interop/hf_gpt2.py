@@ -16,6 +16,9 @@ LayerNorm epsilon is our 1e-5; a config.json asking for anything else is refused
 
     python -m instructgpt_jax.interop.hf_gpt2 import HF_DIR WORKDIR   # a checkpoint SFT/RM can start from
     python -m instructgpt_jax.interop.hf_gpt2 export WORKDIR OUT_DIR  # config.json + model.safetensors
+
+A stage started from an imported workdir reads GPT-2's own BPE with `--config.tokenizer.kind=gpt2_bpe
+--config.tokenizer.path=HF_DIR` (vocab.json + merges.txt, or tokenizer.json); `import` prints the flags.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
 
-from instructgpt_jax.data.tokenizer import gpt2_bpe_files
+from instructgpt_jax.data.tokenizer import EOS_ID, gpt2_bpe_files
 from instructgpt_jax.errors import CheckpointError, ConfigError, UserError
 from instructgpt_jax.models import attention, gpt
 
@@ -303,8 +306,17 @@ def write_params_workdir(workdir: str, params, model_cfg: ml_collections.ConfigD
     checkpointer.close()
 
 
-def read_params_workdir(workdir: str) -> tuple[dict, ml_collections.ConfigDict]:
-    """(params of the latest checkpoint, model config) of a pretrain/SFT/PPO-policy or imported workdir."""
+def workdir_eos_id(saved_config: dict) -> int:
+    """The eos id of the tokenizer a workdir's config.json names: SentencePiece's fixed id, or GPT-2's
+    <|endoftext|> (the last vocabulary entry) for gpt2_bpe and for an imported GPT-2."""
+    tokenizer = saved_config.get("tokenizer")
+    if tokenizer is not None and tokenizer.get("kind", "sentencepiece") == "sentencepiece":
+        return EOS_ID
+    return int(saved_config["model"]["vocab_size"]) - 1
+
+
+def read_params_workdir(workdir: str) -> tuple[dict, ml_collections.ConfigDict, int]:
+    """(params of the latest checkpoint, model config, eos id) of a pretrain/SFT/PPO-policy or imported workdir."""
     from instructgpt_jax.train.checkpoint import load_params
 
     config_path = os.path.join(workdir, CONFIG_FILE)
@@ -316,7 +328,7 @@ def read_params_workdir(workdir: str) -> tuple[dict, ml_collections.ConfigDict]:
     shapes = jax.eval_shape(lambda: gpt.GPT(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32)))["params"]
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), nn.meta.unbox(shapes))
-    return load_params(workdir, abstract), model_cfg
+    return load_params(workdir, abstract), model_cfg, workdir_eos_id(saved)
 
 
 def main(argv: list[str]) -> int:
@@ -332,8 +344,8 @@ def main(argv: list[str]) -> int:
             print(f"wrote {argv[2]}; start a stage from it with --config.init.params={os.path.abspath(argv[2])} "
                   + " ".join(config_overrides(model_cfg, argv[1])))
         else:
-            params, model_cfg = read_params_workdir(argv[1])
-            export_hf_gpt2(params, model_cfg, argv[2], int(argv[3]) if len(argv) == 4 else None)
+            params, model_cfg, eos_id = read_params_workdir(argv[1])
+            export_hf_gpt2(params, model_cfg, argv[2], int(argv[3]) if len(argv) == 4 else eos_id)
             print(f"wrote {argv[2]}/{CONFIG_FILE} and {argv[2]}/{WEIGHTS_FILE}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
