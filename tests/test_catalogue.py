@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from instructgpt_jax import main
@@ -448,3 +450,138 @@ def test_unexpected_exceptions_keep_their_traceback(env, tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "build_model", bug)
     with pytest.raises(ZeroDivisionError):
         call_main(env.pretrain_args(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is recovered from rather than reported.
+
+def run_ok(args) -> str:
+    out = io.StringIO()
+    code, err = call_main(args, out)
+    assert code == 0, err[-3000:]
+    return out.getvalue()
+
+
+def test_resume_ignores_a_half_written_checkpoint(env, tmp_path):
+    """A run killed inside an orbax save leaves `<step>.orbax-checkpoint-tmp`: the previous step is used."""
+    copy = env.copy_pretrain(tmp_path / "copy")
+    partial = os.path.join(copy, "checkpoints", "6.orbax-checkpoint-tmp")
+    os.makedirs(os.path.join(partial, "state"))
+    with open(os.path.join(partial, "state", "half_written"), "wb") as f:
+        f.write(b"\x00" * 100)
+    out = run_ok(env.pretrain_args(copy, "--config.train.steps=6"))
+    assert f"resuming from {copy}/checkpoints/4" in out
+    assert finished_steps(copy) == ["2", "4", "6"] and not os.path.exists(partial)
+
+
+def test_resume_moves_an_unreadable_latest_checkpoint_aside(env, tmp_path):
+    """A finished step whose files are garbled (a disk that lost data): resume from the step before,
+    keep the bad one as `<step>.corrupt` for inspection, and say so."""
+    copy = env.copy_pretrain(tmp_path / "copy")
+    for root, _, files in os.walk(os.path.join(copy, "checkpoints", "4", "state")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    out = run_ok(env.pretrain_args(copy, "--config.train.steps=6"))
+    assert f"checkpoint {copy}/checkpoints/4 is unreadable; moved it to {copy}/checkpoints/4.corrupt" in out
+    assert f"resuming from {copy}/checkpoints/2" in out
+    assert finished_steps(copy) == ["2", "4", "6"] and os.path.isdir(f"{copy}/checkpoints/4.corrupt")
+
+
+def read_params(workdir, step):
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    manager.close()
+    return state["params"]
+
+
+def test_nonfinite_updates_are_skipped_and_counted(env, tmp_path, monkeypatch):
+    """optim.nonfinite='skip' (the default): a NaN loss leaves params unchanged; every skip is counted."""
+    real_loss = steps.pretrain_loss
+
+    def nan_loss(model):
+        loss_fn = real_loss(model)
+        return lambda *args: (lambda loss, metrics: (loss * jnp.nan, metrics))(*loss_fn(*args))
+
+    monkeypatch.setattr(steps, "pretrain_loss", nan_loss)
+    copy = env.copy_pretrain(tmp_path / "copy")
+    run_ok(env.pretrain_args(copy, "--config.train.steps=7", "--config.train.log_every=2"))
+    records = [json.loads(line) for line in open(os.path.join(copy, "metrics.jsonl"))]
+    train = [r for r in records if r["split"] == "train" and r["step"] > 4]
+    assert [(r["step"], r["nonfinite_total"]) for r in train] == [(6, 2.0), (7, 3.0)]  # step 5 counted though not logged
+    before, after = read_params(copy, 4), read_params(copy, 7)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_nonfinite_state_is_never_checkpointed(tmp_path):
+    """Whatever produced it (a step that does not guard its update), NaN params stop the run before a save."""
+    import ml_collections
+
+    from instructgpt_jax.train import loop
+    from instructgpt_jax.train.checkpoint import Checkpointer
+    from instructgpt_jax.train.metrics import MetricWriter
+
+    config = ml_collections.ConfigDict(dict(stage="test", optim=dict(nonfinite="skip"), train=dict(
+        steps=4, log_every=1, eval_every=100, checkpoint_every=2, progress_bar=False)))
+    ck = Checkpointer(str(tmp_path), async_save=False)
+
+    def step(state, batch):
+        w = state["w"] + 1.0
+        return {"w": jnp.where(w > 2.5, jnp.nan, w)}, {"loss": jnp.float32(1.0), "nonfinite": jnp.float32(0.0)}
+
+    with pytest.raises(loop.NonFiniteError, match=r"NaN/Inf values at step 4; it was not checkpointed"):
+        loop.train_loop(config=config, state={"w": jnp.zeros(3)}, train_step=step, batches=iter(range(10)),
+                        to_device=lambda b: b, checkpointer=ck, writer=MetricWriter(str(tmp_path), "test", None))
+    assert list(ck.manager.all_steps()) == [2]
+    ck.close()
+
+
+def test_config_values_of_the_wrong_type_name_the_key():
+    from instructgpt_jax import configs
+    from instructgpt_jax.errors import ConfigError
+
+    c = experiment_config_for_types()
+    with pytest.raises(ConfigError, match=r"train\.steps='20': expected int, got str"):
+        configs.validate(c)
+
+
+def experiment_config_for_types():
+    import ml_collections
+
+    from test_sft import experiment_config
+
+    c = experiment_config("pretrain")
+    train = c.train.to_dict()
+    train["steps"] = "20"  # as a hand-written experiment file might
+    c.train = ml_collections.ConfigDict(train)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing unpickles or execs a data, tokenizer or weight file.
+
+UNSAFE = re.compile(r"\b(pickle|cPickle|dill|cloudpickle|joblib|marshal|shelve)\.(load|loads|Unpickler)\b"
+                    r"|allow_pickle\s*=\s*True|\btorch\.load\b|\byaml\.(load|unsafe_load)\(|(?<![\w.])(eval|exec)\("
+                    r"|\.exec_module\(|\bimportlib\.machinery\.SourceFileLoader\b|\brunpy\.")
+# Experiment configs are Python by design: loading one (ablate.py) is the only allowed exec.
+ALLOWED = {("instructgpt_jax/ablate.py", "spec.loader.exec_module(module)")}
+
+
+def test_no_source_file_unpickles_or_execs_data():
+    found = []
+    for root, _, files in os.walk(os.path.join(REPO, "instructgpt_jax")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, REPO)
+            for number, line in enumerate(open(path, encoding="utf-8"), start=1):
+                code = line.split("#", 1)[0]
+                if UNSAFE.search(code) and (rel, code.strip()) not in ALLOWED:
+                    found.append(f"{rel}:{number}: {line.strip()}")
+    assert not found, "unpickling / exec of possibly untrusted input:\n" + "\n".join(found)
+    assert UNSAFE.search("np.load(path, allow_pickle=True)") and UNSAFE.search("x = pickle.loads(b)")
+    assert UNSAFE.search("eval(text)") and not UNSAFE.search("jax.ensure_compile_time_eval()")

@@ -1,5 +1,7 @@
 """Preemption: a run killed with SIGKILL and rerun with the same command ends bit-identical to a run
-never interrupted (same batches from the restored data iterator, same dropout from fold_in(rng, step))."""
+never interrupted (same batches from the restored data iterator, same dropout from fold_in(rng, step)),
+for pretraining, SFT (with its epoch selection) and the reward model (with its bias)."""
+import json
 import os
 import signal
 import subprocess
@@ -32,9 +34,9 @@ def final_params(workdir):
     return restored.state["params"]
 
 
-def kill_after_checkpoint(cmd, workdir, min_step):
+def kill_after_checkpoint(cmd, workdir, min_step, proc=None):
     """Starts cmd and SIGKILLs it once a checkpoint >= min_step exists (mid-run, at an arbitrary point)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = proc or subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     ckpt = os.path.join(workdir, "checkpoints")
     while time.time() < deadline and proc.poll() is None:
@@ -63,3 +65,77 @@ def test_resume_pretrain_is_bit_identical(tmp_path):
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_same_params(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(final_params(a)), jax.tree.leaves(final_params(b))
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def straight_and_interrupted(tmp_path, command_for, min_step):
+    """Runs the command once straight and once killed after a checkpoint >= min_step and rerun (the two
+    side by side); returns the two workdirs."""
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    first = subprocess.Popen(command_for(straight), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    code = kill_after_checkpoint(command_for(interrupted), interrupted, min_step)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    if code == 0:
+        pytest.skip("the run finished before it could be killed")
+    assert code == -signal.SIGKILL
+    out = subprocess.run(command_for(interrupted), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming from" in out.stdout
+    return straight, interrupted
+
+
+@pytest.fixture(scope="module")
+def later_stages(tmp_path_factory):
+    """A tokenizer, an initial model saved as the earlier stage, demonstrations and comparisons built once."""
+    from instructgpt_jax.data import sources, tasks
+    from instructgpt_jax.stages import rm
+    from test_sft import VOCAB, save_initial_model, stage_config, write_tokenizer
+
+    root = tmp_path_factory.mktemp("later_stages")
+    tokenizer = write_tokenizer(root / "tokenizer.model")
+    c = stage_config("rm", root, tokenizer)
+    save_initial_model(c, str(root / "earlier"))
+    c.data.demonstrations.path = str(root / "demos.jsonl")
+    tasks.write_demonstrations(c.data.demonstrations.path, 96, "train", tasks.Labeler(seed=0), seed=0)
+    c.rm.samples, c.rm.num_prompts = "simulated", 128
+    c.data.comparisons.path = rm.default_comparisons(c, str(root / "rm"), None, None)
+    for kind in ("demonstrations", "comparisons"):  # built before the runs that share the data dir start
+        sources.build_jsonl_source(kind, c.data)
+    common = [f"--config.data.dir={c.data.dir}", f"--config.tokenizer.path={tokenizer}",
+              f"--config.tokenizer.vocab_size={VOCAB}", f"--config.init.params={root / 'earlier'}",
+              f"--config.data.demonstrations.path={c.data.demonstrations.path}",
+              f"--config.data.comparisons.path={c.data.comparisons.path}", "--config.data.sources.stdlib.weight=0.0",
+              "--config.train.progress_bar=False", "--config.train.async_checkpoints=False",
+              "--config.train.log_every=1", "--config.model.resid_dropout=0.1"]
+    return common
+
+
+def test_resume_sft_is_bit_identical(tmp_path, later_stages):
+    def command_for(workdir):
+        return [sys.executable, "-m", "instructgpt_jax.main", "--config=experiments/sft.py:size=test",
+                f"--workdir={workdir}", *later_stages, "--config.sft.epochs=3", "--config.sft.gold_eval_prompts=0"]
+
+    straight, interrupted = straight_and_interrupted(tmp_path, command_for, min_step=1)
+    assert_same_params(straight, interrupted)
+    selections = [json.loads(open(os.path.join(w, "selection.json")).read()) for w in (straight, interrupted)]
+    assert selections[0] == selections[1]
+
+
+def test_resume_rm_is_bit_identical(tmp_path, later_stages):
+    def command_for(workdir):
+        return [sys.executable, "-m", "instructgpt_jax.main", "--config=experiments/rm.py:size=test",
+                f"--workdir={workdir}", *later_stages, "--config.rm.epochs=2", "--config.train.checkpoint_every=5",
+                "--config.rm.ceiling_prompts=50"]
+
+    straight, interrupted = straight_and_interrupted(tmp_path, command_for, min_step=5)
+    assert_same_params(straight, interrupted)
+    biases = [json.loads(open(os.path.join(w, "reward_bias.json")).read()) for w in (straight, interrupted)]
+    assert biases[0] == biases[1]

@@ -28,11 +28,17 @@ CORRUPT_SUFFIX = ".corrupt"
 RESTORE_ERRORS = (ValueError, KeyError, FileNotFoundError, TypeError, OSError, IndexError, AttributeError)
 
 
+READ_ONLY_NOTES = ("Given directory is read only", "CheckpointManagerOptions.read_only=True")
+
+
 class _NoOrbaxTracebacks(pylogging.Filter):
     """Orbax logs the traceback of a failed background save before we raise a CheckpointError for it:
-    keep its one-line message, drop the traceback (the CheckpointError carries the cause)."""
+    keep its one-line message, drop the traceback (the CheckpointError carries the cause). Also drops
+    its notes that a directory opened read-only is read-only."""
 
     def filter(self, record):
+        if record.getMessage().startswith(READ_ONLY_NOTES):  # load_params opens other stages read-only on purpose
+            return False
         if record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
             record.exc_info, record.exc_text = None, None
         return True
