@@ -48,7 +48,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"--config={config_arg}: no such config file {config_arg.split(':', 1)[0]!r}")
     saved, sys.argv = sys.argv, list(argv)  # ml_collections reads the --config.* overrides from sys.argv
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        config_file = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
+        if not os.path.isfile(config_file):  # `--config FILE` (no '='): ml_collections defers the error
+            fail(f"--config={config_flags.get_config_filename(FLAGS['config'])}: no such config file {config_file!r}")
+        return rest
     except AttributeError as e:  # ml_collections: an override names a key the config does not have
         if not (e.args and isinstance(e.args[0], KeyError)):
             raise

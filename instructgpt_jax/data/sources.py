@@ -37,6 +37,7 @@ from instructgpt_jax.errors import ConfigError, DataError
 
 TEXT_KINDS = ("text", "stdlib", "tasks", "tfds")
 JSONL_KINDS = ("demonstrations", "comparisons", "prompts")
+JSONL_PARSER_VERSION = 2  # part of a built JSONL source's name: stricter checks rebuild old builds (2: ties, 'ended')
 
 
 class _QuietExpectedWarnings(pylogging.Filter):
@@ -469,7 +470,8 @@ def build_jsonl_source(kind: str, data_cfg: ml_collections.ConfigDict) -> BuiltS
         raise ConfigError(f"{key}={data_cfg[kind].path!r}: no such file")
     settings = dict(path=path, validation_fraction=data_cfg.validation_fraction,
                     on_bad_record=data_cfg.on_bad_record)
-    config = JsonlConfig(name=_config_name(kind, dict(settings, stats=_stat_list([path]))), **settings)
+    inputs = dict(settings, stats=_stat_list([path]), parser=JSONL_PARSER_VERSION)
+    config = JsonlConfig(name=_config_name(kind, inputs), **settings)
     builder = _JSONL_BUILDERS[kind](data_dir=data_dir(data_cfg), config=config, file_format="array_record")
     return _prepare(builder, kind)
 
