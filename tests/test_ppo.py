@@ -259,7 +259,8 @@ def test_ppo_stage_trains_evaluates_and_resumes_exactly(env, earlier_stages):
     resumed = ppo.run(ppo_config(env, iterations=3), str(earlier_stages / "ppo_resumed"))
     for name in ("sft", "ppo"):
         assert resumed[name]["sampled"]["gold"] == straight[name]["sampled"]["gold"]
-    assert straight["sft"]["sampled"]["kl_to_sft"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    assert straight["ppo"]["sampled"]["vs_sft"]["gold"]["n"] == 16
+    assert straight["sft"]["sampled"]["kl_to_reference"]["mean"] == pytest.approx(0.0, abs=1e-5)
     c = ppo_config(env)
     mesh = sharding.make_mesh(c)
     init = ppo.init_state_fn(steps.build_model(c), heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model)),
@@ -277,6 +278,7 @@ def test_ppo_stage_trains_evaluates_and_resumes_exactly(env, earlier_stages):
                 "episodes_per_s"):
         assert np.isfinite(train[-1][key]), key
     assert os.path.isfile(earlier_stages / "ppo_straight" / ppo.EVAL_FILE)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(earlier_stages / "ppo_straight" / "tensorboard"))
 
 
 @pytest.mark.parametrize("key,value,message", [

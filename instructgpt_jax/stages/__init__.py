@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
+STAGES = ("pretrain", "sft", "rm", "ppo", "pipeline")
 
 
 def run(config, workdir: str):

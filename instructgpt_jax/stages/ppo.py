@@ -23,6 +23,7 @@ import numpy as np
 from instructgpt_jax import configs, losses
 from instructgpt_jax.data import pipeline, sources, tasks
 from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.eval import gold
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import rollout, sampling
 from instructgpt_jax.stages import common, sft
@@ -150,7 +151,8 @@ class Trainer:
         self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
         self.ref_params, self.reward_fn = ref_params, reward_fn
         self.sampler = sampling.make_sampler(config, policy_model, mesh, max_new_tokens=p.max_new_tokens,
-                                             top_k=p.top_k, params_shardings=state_shardings.params["policy"])
+                                             top_k=p.top_k, params_shardings=state_shardings.params["policy"],
+                                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         self.scorer = rollout.make_scorer(config, policy_model, value_model, mesh, state_shardings.params["policy"],
                                           state_shardings.params["value"])
         self.step = steps.make_ppo_step(config, policy_model, value_model, mesh, state_shardings)
@@ -211,7 +213,7 @@ class Trainer:
 def gold_scores(prompts, responses, ended) -> np.ndarray | None:
     """Gold scores of task-suite prompts; None when a prompt is not from the task suite (user prompts)."""
     try:
-        return sft.gold_scores(prompts, responses, ended)
+        return gold.gold_scores(prompts, responses, ended)
     except ValueError:
         return None
 
@@ -235,47 +237,54 @@ def held_out_lm_loss(config, policy_model, tokenizer, mesh, params, n_batches: i
         return float(np.mean([float(loss_fn(params, to_device(next(it)), None)[0]) for _ in range(n_batches)]))
 
 
-def evaluate(config, trainer: Trainer, policy_model, named_params: dict) -> dict:
-    """Held-out test prompts: gold score (sampled at ppo.temperature and greedy), RM score and KL to SFT of each
-    policy, paired differences vs the first (SFT), and held-out pretraining loss."""
+def sample_and_score(trainer: Trainer, params, prompt_ids, temperature: float, seed: int) -> dict:
+    """Responses of the policy `params` to every prompt (in rollout-sized batches, the last padded), their
+    RM scores (− bias) and sequence KL to the reference at the rollout temperature."""
+    p = trainer.ppo
+    out = {"texts": [], "ended": [], "rm": [], "kl": []}
+    for start in range(0, len(prompt_ids), p.batch_size):
+        chunk = list(prompt_ids[start:start + p.batch_size])
+        chunk += [chunk[0]] * (p.batch_size - len(chunk))
+        tokens, mask = sampling.left_pad(chunk, p.prompt_len)
+        device = trainer.to_device({"tokens": local_rows(tokens), "mask": local_rows(mask)})
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+        output = trainer.sampler(params, device["tokens"], device["mask"], rng, temperature, 1.0)
+        batch = trainer.scorer(params, trainer.reward_fn.params, trainer.ref_params, trainer.reward_fn.params,
+                               trainer.reward_fn.bias, 0.0, output, device["mask"])
+        out["texts"] += [trainer.tokenizer.decode(r) for r in host_array(output.response)]
+        out["ended"] += [bool(e) for e in host_array(output.ended)]
+        out["rm"] += list(host_array(batch.scores))
+        out["kl"] += list(host_array(batch.kl).sum(axis=-1))
+    return {k: v[:len(prompt_ids)] for k, v in out.items()}
+
+
+def compare_policies(config, trainer: Trainer, policy_model, named_params: dict, prompts) -> tuple[dict, dict]:
+    """Each policy on the same held-out prompts, sampled at ppo.temperature and greedy: gold score, RM score,
+    KL to the reference, held-out pretraining loss, and gold/RM comparisons with the first policy (the
+    baseline: win rate and paired difference with bootstrap CIs). Returns (results, samples)."""
+    from instructgpt_jax.eval import stats
+
     p = config.ppo
-    prompts = tasks.sample_prompts(p.eval_prompts, "test", config.seed)
     ids = encode_prompts(trainer.tokenizer, prompts, p.prompt_len, "truncate", "evaluation prompts")
-    results, gold = {"prompts": len(prompts)}, {}
+    results, samples = {"prompts": len(prompts)}, {}
     for name, params in named_params.items():
         row = {}
         for mode, temperature in (("sampled", p.temperature), ("greedy", 0.0)):
-            texts, ended, scores, kl = [], [], [], []
-            for start in range(0, len(ids), p.batch_size):
-                chunk = ids[start:start + p.batch_size]
-                chunk = chunk + [chunk[0]] * (p.batch_size - len(chunk))
-                tokens, mask = sampling.left_pad(chunk, p.prompt_len)
-                device = trainer.to_device({"tokens": local_rows(tokens), "mask": local_rows(mask)})
-                rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), start)
-                output = trainer.sampler(params, device["tokens"], device["mask"], rng, temperature, 1.0)
-                batch = trainer.scorer(params, trainer.reward_fn.params, trainer.ref_params, trainer.reward_fn.params,
-                                       trainer.reward_fn.bias, 0.0, output, device["mask"])
-                texts += [trainer.tokenizer.decode(r) for r in host_array(output.response)]
-                ended += list(host_array(output.ended))
-                scores += list(host_array(batch.scores))
-                kl += list(host_array(batch.kl).sum(axis=-1))
-            n = len(prompts)
-            gold[name, mode] = sft.gold_scores(prompts, texts[:n], ended[:n])
-            row[mode] = {"gold": sft.mean_ci(gold[name, mode]), "rm_score": sft.mean_ci(scores[:n]),
-                         "ended": float(np.mean(ended[:n]))}
-            if mode == "sampled":
-                row[mode]["kl_to_sft"] = sft.mean_ci(kl[:n])
-                row["examples"] = [{"prompt": q, "response": r} for q, r in zip(prompts[:4], texts[:4])]
+            s = samples[name, mode] = sample_and_score(trainer, params, ids, temperature, config.seed + 2)
+            s["gold"] = gold.gold_scores(prompts, s["texts"], s["ended"])
+            row[mode] = {"gold": stats.mean_ci(s["gold"]), "rm_score": stats.mean_ci(s["rm"]),
+                         "kl_to_reference": stats.mean_ci(s["kl"]), "ended": float(np.mean(s["ended"]))}
         row["pretrain_loss"] = held_out_lm_loss(config, policy_model, trainer.tokenizer, trainer.mesh, params,
                                                 p.eval_lm_batches)
         results[name] = row
     base = next(iter(named_params))
     for name in list(named_params)[1:]:
         for mode in ("sampled", "greedy"):
-            diff = gold[name, mode] - gold[base, mode]
-            results[name][mode][f"gold_minus_{base}"] = sft.mean_ci(diff)
-            results[name][mode][f"win_rate_vs_{base}"] = float(np.mean((diff > 0) + 0.5 * (diff == 0)))
-    return results
+            ours, theirs = samples[name, mode], samples[base, mode]
+            results[name][mode][f"vs_{base}"] = gold.policy_vs_baseline(
+                prompts, (ours["texts"], ours["ended"]), (theirs["texts"], theirs["ended"]),
+                policy_rm_scores=ours["rm"], baseline_rm_scores=theirs["rm"], seed=config.seed)
+    return results, samples
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -365,7 +374,8 @@ def run(config, workdir: str):
     checkpointer.wait()
 
     final = state.ema_params if state.ema_params is not None else state.params["policy"]
-    results = evaluate(config, trainer, policy_model, {"sft": ref_params, "ppo": final})
+    prompts = tasks.sample_prompts(p.eval_prompts, "test", config.seed)
+    results, _ = compare_policies(config, trainer, policy_model, {"sft": ref_params, "ppo": final}, prompts)
     results.update(iterations=p.iterations, final_kl_coef=kl_coef, ptx_coef=p.ptx_coef,
                    evaluated="ema" if state.ema_params is not None else "policy")
     common.save_json(os.path.join(workdir, EVAL_FILE), results)
@@ -374,7 +384,7 @@ def run(config, workdir: str):
         s = results[name]["sampled"]
         common.log(f"ppo: {name}: gold {s['gold']['mean']:.3f} ± {s['gold']['ci95']:.3f} (greedy "
                    f"{results[name]['greedy']['gold']['mean']:.3f}), RM {s['rm_score']['mean']:+.3f}, KL to SFT "
-                   f"{s['kl_to_sft']['mean']:.3f}, pretraining loss {results[name]['pretrain_loss']:.3f}")
+                   f"{s['kl_to_reference']['mean']:.3f}, pretraining loss {results[name]['pretrain_loss']:.3f}")
     checkpointer.close()
     writer.close()
     return results

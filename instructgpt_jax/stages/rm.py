@@ -78,7 +78,7 @@ def policy_samples(config, mesh, tokenizer, policy_dir: str, prompts, k: int):
                                                  sharding.rules(config), jax.random.PRNGKey(0))
     params = checkpoint.load_params(policy_dir, abstract)
     sampler = sampling.make_sampler(config, model, mesh, max_new_tokens=config.generation.max_new_tokens,
-                                    params_shardings=shardings)
+                                    params_shardings=shardings, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     ids = [tokenizer.encode(p) for p in prompts for _ in range(k)]
     texts, ended = sft.sample_texts(sampler, params, tokenizer, ids, jax.random.PRNGKey(config.labeler.seed + 7),
                                     config.rm.temperature, config)

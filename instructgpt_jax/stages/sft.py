@@ -346,7 +346,8 @@ def run(config, workdir: str):
     from instructgpt_jax.rl import sampling
 
     sampler = sampling.make_sampler(config, model, mesh, max_new_tokens=config.generation.max_new_tokens,
-                                    params_shardings=state_shardings.params)
+                                    params_shardings=state_shardings.params, eos_id=tokenizer.eos_id,
+                                    pad_id=tokenizer.pad_id)
     selection = read_selection(workdir)
     if selection is None or selection["checkpoint_step"] != checkpointer.latest_step():
         state, data_state, start = loop.init_or_restore(checkpointer, init=fresh_state, abstract=lambda: abstract_state,

@@ -53,7 +53,7 @@ def make_pmap_update_step(loss_fn, config, ema_decay=None, devices=None):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
         weight = jnp.asarray(metrics.pop("weight", 1.0), jnp.float32)
         grads, loss, metrics = weighted_mean((grads, loss, metrics), weight)
-        new_state, update_metrics = apply_update(state, grads, tx, ema_decay)
+        new_state, update_metrics = apply_update(state, grads, tx, ema_decay, loss=loss)
         return new_state, {**metrics, **update_metrics, "loss": loss, "lr": schedule(state.step)}
 
     pstep = jax.pmap(step, axis_name=AXIS, devices=devices, donate_argnums=0)

@@ -37,11 +37,11 @@ def init_state_fn(model: gpt.GPT, tx: optax.GradientTransformation, seq_len: int
 
 
 def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema_decay: float | None = None,
-                 ema_of=lambda params: params):
-    """One optimizer update; a non-finite gradient leaves params and optimizer state unchanged.
+                 ema_of=lambda params: params, loss=0.0):
+    """One optimizer update; a non-finite loss or gradient leaves params and optimizer state unchanged.
     With ema_decay, state.ema_params tracks ema_of(params) (e.g. only the policy of a PPO state)."""
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -63,7 +63,7 @@ def make_update_step(loss_fn: LossFn, config, mesh, state_shardings, batch_shard
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-        new_state, update_metrics = apply_update(state, grads, tx, ema_decay, ema_of)
+        new_state, update_metrics = apply_update(state, grads, tx, ema_decay, ema_of, loss)
         return new_state, {**metrics, **update_metrics, "loss": loss, "lr": schedule(state.step)}
 
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),

@@ -1,0 +1,51 @@
+"""The whole InstructGPT recipe in one run: pretrain → SFT → RM → PPO and PPO-ptx, then one results table.
+
+  python -m instructgpt_jax.main --config=experiments/pipeline.py:size=tiny --workdir=runs/pipeline
+  ... --config.stages.ppo.ppo.kl_coef=0.05            # any stage's key, under stages.<name>
+  ... :size=small                                      # a single GPU; GPT-3 sizes for pods
+
+Each stage runs in WORKDIR/<stage> from its own experiment file (experiments/<stage>.py, same size) and reads
+the previous stage's checkpoint by path; a finished stage is skipped on rerun. The final evaluation
+(`evaluation`) compares the pretrained, SFT, PPO and PPO-ptx policies on held-out task prompts and writes
+results.md, results.json, samples.md and plots/ into WORKDIR.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+from instructgpt_jax import configs
+
+STAGE_FILES = {"pretrain": ("pretrain", ""), "sft": ("sft", ""), "rm": ("rm", ""),
+               "ppo": ("ppo", ",variant=ppo"), "ppo_ptx": ("ppo", ",variant=ppo_ptx")}
+
+
+def experiment(name: str, arg: str) -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg=None):
+    arg = configs.parse_arg(arg, size="tiny", attention="dense")
+    c = ml_collections.ConfigDict()
+    c.stage = "pipeline"
+    c.size = arg.size
+    c.dry_run = False
+    c.stages = ml_collections.ConfigDict()
+    for stage, (name, extra) in STAGE_FILES.items():
+        c.stages[stage] = experiment(name, f"size={arg.size}{extra}")
+    c.stages.pretrain.model.attention.layers = arg.attention
+    c.evaluation = dict(
+        prompts=512,            # held-out test prompts of the task suite (paired across policies)
+        few_shot_ks=(0, 1, 3),  # GPT-3's zero/one/few-shot, on the same families
+        few_shot_prompts=256,   # 0 = skip
+        examples=12,            # rows of samples.md
+    )
+    if arg.size == "test":  # a 64-token context leaves no room for in-context examples
+        c.evaluation.update(prompts=32, few_shot_prompts=0, examples=4)
+    if arg.size not in configs.CPU_SIZES:
+        c.evaluation.update(prompts=2048, few_shot_prompts=1024)
+    return c
