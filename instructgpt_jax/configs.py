@@ -39,7 +39,7 @@ GPT2_VOCAB = 50257
 #              L  d_model heads d_head context vocab batch  lr
 CPU_SIZES = {
     "test": (2,   64,  4,  16,  64,   512,  8, 1e-3),
-    "tiny": (2,  128,  4,  32, 128,  2048, 32, 1e-3),
+    "tiny": (2,  128,  4,  32, 128,  2048, 32, 3e-3),
     "mini": (6,  512,  8,  64, 512,  8192, 32, 6e-4),
 }
 SIZES = tuple(CPU_SIZES) + tuple(GPT3_SIZES) + tuple(GPT3_ALIASES)

@@ -31,6 +31,8 @@ def test_trains_then_resumes_on_rerun(tmp_path, data_dir):
     assert config["stage"] == "pretrain" and config["train"]["steps"] == 6
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "eval"} and all("loss" in r for r in records)
+    train = [r for r in records if r["split"] == "train"]
+    assert train[0]["compilations"] >= 1 and [r["compilations"] for r in train[1:]] == [0] * (len(train) - 1)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
 
     second = cli(workdir, "--config.train.steps=8", "--config.train.checkpoint_every=3", data_dir=data_dir)

@@ -273,6 +273,7 @@ def test_ppo_stage_trains_evaluates_and_resumes_exactly(env, earlier_stages):
     rows = [json.loads(line) for line in open(earlier_stages / "ppo_straight" / "metrics.jsonl")]
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
+    assert train[0]["compilations"] > 0 and [r["compilations"] for r in train[1:]] == [0, 0]  # no recompiles
     for key in ("rm_score", "gold_score", "kl", "entropy", "response_length", "clip_fraction", "approx_kl",
                 "value_loss", "explained_variance", "ptx_loss", "time_generate", "time_score", "time_update",
                 "episodes_per_s"):

@@ -27,7 +27,7 @@ from instructgpt_jax.eval import gold
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import rollout, sampling
 from instructgpt_jax.stages import common, sft
-from instructgpt_jax.train import checkpoint, sharding, steps
+from instructgpt_jax.train import checkpoint, compiles, sharding, steps
 from instructgpt_jax.train.state import TrainState
 
 EVAL_FILE = "ppo_eval.json"
@@ -360,7 +360,9 @@ def run(config, workdir: str):
     trainer = Trainer(config, mesh, tokenizer, policy_model, value_model, state_shardings, ref_params, reward_fn)
     p = config.ppo
     for iteration in range(start, p.iterations):
-        state, metrics = trainer.iterate(state, iteration, prompts, prompt_ids, kl_coef, ptx_batches)
+        with compiles.count_compilations() as compiled:
+            state, metrics = trainer.iterate(state, iteration, prompts, prompt_ids, kl_coef, ptx_batches)
+        metrics["compilations"] = sum(compiled.values())  # 0 after the first iteration: fixed shapes
         kl_coef = next_kl_coef(p, kl_coef, metrics["kl"])
         done = iteration + 1
         writer.write(done, metrics, "train", echo=done % p.log_every == 0 or done == p.iterations)

@@ -2,6 +2,7 @@
 the non-finite guard, and automatic resume."""
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Iterator
 
@@ -11,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from instructgpt_jax.errors import UserError
+from instructgpt_jax.train import compiles
 from instructgpt_jax.train.checkpoint import Checkpointer
 from instructgpt_jax.train.metrics import MetricWriter
 
@@ -76,11 +78,15 @@ def train_loop(
                 f"(optim.nonfinite='stop'). Lower optim.lr, or set optim.nonfinite=skip to skip such updates")
         return count
 
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_compiles = time.perf_counter(), 0, 0
     step = start_step
+    compiled = contextlib.ExitStack()
+    counts = compiled.enter_context(compiles.count_compilations())  # the step's (re)compilations only
     try:
         for step in range(start_step, total):
+            before = sum(counts.values())
             state, metrics = train_step(state, to_device(next(batches)))
+            window_compiles += sum(counts.values()) - before
             if "nonfinite" in metrics:
                 nonfinite = nonfinite + metrics["nonfinite"]
             window_steps += 1
@@ -91,14 +97,15 @@ def train_loop(
                 elapsed = time.perf_counter() - window_start
                 nonfinite_total = check_nonfinite(done, float(np.asarray(metrics["loss"])))
                 last_checked = done
-                metrics = {**metrics, "nonfinite_total": nonfinite_total, "steps_per_s": window_steps / elapsed}
+                metrics = {**metrics, "nonfinite_total": nonfinite_total, "steps_per_s": window_steps / elapsed,
+                           "compilations": window_compiles}
                 if tokens_per_batch:
                     metrics["tokens_per_s"] = tokens_per_batch * window_steps / elapsed
                 if flops_per_batch:
                     metrics["flops_per_s"] = flops_per_batch * window_steps / elapsed
                 writer.write(done, metrics, "train", echo=not t.progress_bar)
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_compiles = time.perf_counter(), 0, 0
             if eval_fn is not None and (done % t.eval_every == 0 or done == total):
                 writer.write(done, eval_fn(state), "eval", echo=True)
                 window_start, window_steps = time.perf_counter(), 0
@@ -114,6 +121,8 @@ def train_loop(
         bar.close()
         checkpointer.abandon()  # let an async save in flight finish (or fail) before the error propagates
         raise
+    finally:
+        compiled.close()
     bar.close()
     checkpointer.wait()
     return state
