@@ -1,9 +1,9 @@
-"""python -m instructgpt_jax.bench {attention,...,all} [--json out.json] [--max-seq N] [--repeats R]
+"""python -m instructgpt_jax.bench {attention,train,decode,ppo,all} [--json out.json] [--max-seq N] [--repeats R]
 
 Each benchmark is a module `instructgpt_jax/bench/<name>.py` exposing
   add_arguments(parser)      optional: its own flags, on top of the common ones below;
   run(args) -> list[dict]    measures, prints its table, returns the rows (JSON-ready).
-To add one (train, decode, ppo), write the module and list its name in BENCHMARKS.
+To add one, write the module and list its name in BENCHMARKS.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 from instructgpt_jax.bench import common
 
-BENCHMARKS = ("attention", "train", "decode")
+BENCHMARKS = ("attention", "train", "decode", "ppo")
 
 
 def _common_flags() -> argparse.ArgumentParser:

@@ -1,0 +1,27 @@
+"""Every benchmark runs end to end at test shapes and writes its JSON (speed itself is bench.py's job)."""
+import json
+
+import pytest
+
+from instructgpt_jax.bench import __main__ as bench
+
+CASES = {
+    "train": ["--size", "test", "--batch", "8", "--seq", "64", "--matmul-n", "256"],
+    "decode": ["--size", "test", "--prompt-len", "8", "--new-tokens", "8", "--batches", "8", "--compare-batch", "8"],
+    "ppo": ["--sizes", "test", "--batch", "8", "--minibatch", "8"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_prints_a_table_and_writes_json(name, tmp_path, capsys):
+    path = tmp_path / f"{name}.json"
+    assert bench.main([name, "--repeats", "1", "--json", str(path), *CASES[name]]) == 0
+    written = json.loads(path.read_text())
+    assert written["benchmark"] == name
+    rows = written["rows"]
+    assert rows, written
+    assert all(row.get("matmul_gflops_before", 0) > 0 for row in rows if "matmul_gflops_before" in row)
+    if name == "ppo":
+        assert rows[0]["episodes_per_s"] > 0 and rows[0]["recompilations"] == 0
+        assert rows[0]["generate_s"] > 0 and rows[0]["update_s"] > 0
+    assert name in capsys.readouterr().out
