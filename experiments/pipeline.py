@@ -9,23 +9,12 @@ the previous stage's checkpoint by path; a finished stage is skipped on rerun. T
 (`evaluation`) compares the pretrained, SFT, PPO and PPO-ptx policies on held-out task prompts and writes
 results.md, results.json, samples.md and plots/ into WORKDIR.
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from instructgpt_jax import configs
 
 STAGE_FILES = {"pretrain": ("pretrain", ""), "sft": ("sft", ""), "rm": ("rm", ""),
                "ppo": ("ppo", ",variant=ppo"), "ppo_ptx": ("ppo", ",variant=ppo_ptx")}
-
-
-def experiment(name: str, arg: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def get_config(arg=None):
@@ -36,8 +25,12 @@ def get_config(arg=None):
     c.dry_run = False
     c.stages = ml_collections.ConfigDict()
     for stage, (name, extra) in STAGE_FILES.items():
-        c.stages[stage] = experiment(name, f"size={arg.size}{extra}")
+        c.stages[stage] = configs.experiment_config(name, f"size={arg.size}{extra}")
     c.stages.pretrain.model.attention.layers = arg.attention
+    c.run = tuple(STAGE_FILES)  # ablations may drop ppo or ppo_ptx
+    # A stage's directory to share instead of WORKDIR/<stage> ("{workdir}/../shared/sft"): ablations run the
+    # early stages once and vary the later ones.
+    c.shared_stages = {name: "" for name in STAGE_FILES}
     c.evaluation = dict(
         prompts=512,            # held-out test prompts of the task suite (paired across policies)
         few_shot_ks=(0, 1, 3),  # GPT-3's zero/one/few-shot, on the same families

@@ -3,11 +3,12 @@
 An ablation file is an experiment config (`get_config(arg)`) plus `VARIANTS`, a dict from variant
 name to the config argument string that selects it. Each variant trains in WORKDIR/<name> (a
 finished variant is skipped on rerun; an interrupted one resumes), and the runner writes
-WORKDIR/results.json, WORKDIR/results.md (a table) and WORKDIR/loss.png (loss curves).
+WORKDIR/results.json, WORKDIR/results.md (a table) and a plot: WORKDIR/loss.png (pretraining loss
+curves), or WORKDIR/results.png from the file's `plot(rows, path)` when it defines `summarize(name,
+config, variant_workdir) -> row` (pipeline ablations: a row from the variant's results.json).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -22,9 +23,9 @@ FLAGS = flags.FLAGS
 
 
 def load_ablation(path: str):
-    spec = importlib.util.spec_from_file_location("ablation", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from instructgpt_jax import configs
+
+    module = configs.load_config_module(path)
     if not hasattr(module, "VARIANTS"):
         from instructgpt_jax.errors import ConfigError
 
@@ -84,16 +85,23 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
 
 
 def run_variant(module, name: str, arg: str, workdir: str) -> dict:
+    """Trains (or finds finished) one variant and returns its row: module.summarize(name, config, vdir)
+    when the ablation defines it (pipeline ablations read the variant's results.json), else the
+    pretraining summary with the compiled step's memory."""
     import copy
 
     from instructgpt_jax import stages
 
     config = module.get_config(arg)
     vdir = os.path.join(workdir, name)
+    start = time.perf_counter()
+    if hasattr(module, "summarize"):
+        if not os.path.isfile(os.path.join(vdir, "results.json")):
+            stages.run(config, vdir)
+        return {"variant": name, **module.summarize(name, config, vdir), "wall_s": time.perf_counter() - start}
     plan_config = copy.deepcopy(config)
     plan_config.dry_run = True
     plan = stages.run(plan_config, vdir)  # compiled step memory, no allocation
-    start = time.perf_counter()
     records = read_metrics(vdir)
     if not any(r["split"] == "train" and r["step"] == config.train.steps for r in records):
         stages.run(config, vdir)
@@ -123,7 +131,10 @@ def main(argv):
         f.write(f"# {getattr(module, 'TITLE', argv[1])}\n\n{table}")
     with open(os.path.join(FLAGS.workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1, default=float)
-    plot_curves(rows, os.path.join(FLAGS.workdir, "loss.png"), getattr(module, "TITLE", ""))
+    if hasattr(module, "plot"):
+        module.plot(rows, os.path.join(FLAGS.workdir, "results.png"))
+    else:
+        plot_curves(rows, os.path.join(FLAGS.workdir, "loss.png"), getattr(module, "TITLE", ""))
     print(table)
 
 

@@ -5,7 +5,9 @@ stage; every value can be overridden from the command line (`--config.optim.lr=3
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import ml_collections
 
@@ -256,8 +258,35 @@ def validate_mesh(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     if math.prod(sizes) != num_devices:
         raise ConfigError(f"mesh {dict(zip(names, sizes))} uses {math.prod(sizes)} devices but {num_devices} are present")
     batch_shards = sizes[0] * sizes[1]
+    if c.parallelism == "pmap":  # pure data parallelism: a whole state per device, the batch split over them
+        if sizes[1] != 1 or sizes[2] != 1:
+            raise ConfigError(f"parallelism='pmap' replicates the state on every device: it needs mesh.fsdp=1 and "
+                              f"mesh.tensor=1, got {dict(zip(names, sizes))} (use parallelism='mesh' to shard)")
+        if c.train.batch_size % batch_shards:
+            raise ConfigError(f"parallelism='pmap' splits train.batch_size={c.train.batch_size} over the "
+                              f"{batch_shards} devices; it is not divisible by {batch_shards}")
     if c.train.batch_size % batch_shards:
         raise ConfigError(f"train.batch_size={c.train.batch_size} is not divisible by mesh.data·mesh.fsdp={batch_shards}")
     if c.model.n_heads % sizes[2]:
         raise ConfigError(f"model.n_heads={c.model.n_heads} is not divisible by mesh.tensor={sizes[2]}")
     return tuple(sizes)
+
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
+def load_config_module(path: str):
+    """Executes an experiment/ablation config file (Python by design: the one file type this project
+    executes) and returns it as a module."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"no such config file {path!r}")
+    name = "experiment_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def experiment_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`experiments/<name>.py`'s get_config(arg), e.g. experiment_config("ppo", "size=tiny,variant=ppo")."""
+    return load_config_module(os.path.join(EXPERIMENTS_DIR, f"{name}.py")).get_config(arg)

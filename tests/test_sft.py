@@ -1,5 +1,4 @@
 """SFT: response-only loss through the real step's loss, pretraining mix, epoch selection, the stage end to end."""
-import importlib.util
 import json
 import os
 
@@ -10,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from instructgpt_jax import losses
+from instructgpt_jax import configs, losses
 from instructgpt_jax.data import pipeline, tasks, tokenizer as tokenizer_lib
 from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.stages import sft
@@ -22,11 +21,7 @@ VOCAB = 384  # the smallest the tokenizer allows; tiny tests need no more
 
 
 def experiment_config(name: str, arg: str = "size=test") -> ml_collections.ConfigDict:
-    path = os.path.join(REPO, "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return configs.experiment_config(name, arg)
 
 
 def stage_config(name: str, root, tokenizer_path: str, arg: str = "size=test") -> ml_collections.ConfigDict:

@@ -10,12 +10,10 @@ update = every PPO minibatch step (with the PPO-ptx pretraining batch).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 
+from instructgpt_jax import configs
 from instructgpt_jax.bench import common
 from instructgpt_jax.data import tasks
 from instructgpt_jax.models import gpt, heads
@@ -34,11 +32,7 @@ def add_arguments(parser) -> None:
 
 
 def ppo_config(size: str, batch: int, minibatch: int):
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "ppo.py")
-    spec = importlib.util.spec_from_file_location("experiments_ppo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"size={size},variant=ppo_ptx")
+    c = configs.experiment_config("ppo", f"size={size},variant=ppo_ptx")
     c.ppo.update(batch_size=batch, minibatch_size=minibatch, ptx_batch_size=minibatch)
     return c
 

@@ -20,6 +20,7 @@ from instructgpt_jax.stages import common
 
 ORDER = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 POLICIES = ("pretrained", "sft", "ppo", "ppo_ptx")  # rows of the table; SFT is the baseline
+POLICY_STAGE = {"pretrained": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
 DONE_FILE = "stage_done.json"
 RESULTS_MD, RESULTS_JSON, SAMPLES_MD = "results.md", "results.json", "samples.md"
 
@@ -32,13 +33,35 @@ def stage_done(stage_dir: str) -> dict | None:
         return json.load(f)
 
 
+def stage_directory(config, workdir: str, name: str) -> str:
+    """WORKDIR/<stage>, or, when `shared_stages.<stage>` names a directory, a link to it (ablations run the
+    shared early stages once and vary only the later ones)."""
+    from instructgpt_jax.stages import sft
+
+    stage_dir = os.path.join(workdir, name)
+    shared = config.shared_stages[name]
+    if not shared:
+        return stage_dir
+    target = sft.resolve_stage_path(shared, workdir)
+    if os.path.islink(stage_dir) and os.path.realpath(stage_dir) != os.path.realpath(target):
+        raise ConfigError(f"shared_stages.{name}={shared!r}: {stage_dir} already links to {os.readlink(stage_dir)}")
+    if not os.path.lexists(stage_dir):
+        os.makedirs(target, exist_ok=True)
+        os.symlink(target, stage_dir)
+    return stage_dir
+
+
 def run_stages(config, workdir: str) -> dict:
-    """Runs the stages not yet done; returns {stage: seconds} (of this run or the one that finished it)."""
+    """Runs the stages of `config.run` not yet done; returns {stage: seconds} (this run's or the one that
+    finished it)."""
     from instructgpt_jax import stages
 
+    unknown = [name for name in config.run if name not in ORDER]
+    if unknown or not {"pretrain", "sft", "rm"} <= set(config.run):
+        raise ConfigError(f"run={tuple(config.run)}: expected pretrain, sft, rm and any of ppo, ppo_ptx")
     seconds = {}
-    for name in ORDER:
-        stage_dir = os.path.join(workdir, name)
+    for name in (n for n in ORDER if n in config.run):
+        stage_dir = stage_directory(config, workdir, name)
         done = stage_done(stage_dir)
         if done is not None:
             common.log(f"pipeline: {name} already done ({done['seconds']:.0f} s), skipping")
@@ -52,20 +75,22 @@ def run_stages(config, workdir: str) -> dict:
     return seconds
 
 
-def load_policies(stage_configs, workdir: str, abstract_policy) -> dict:
-    """Params of each row's policy: the PPO stages' EMA weights when they kept one (what they evaluate)."""
+def load_policies(config, workdir: str, abstract_policy) -> dict:
+    """Params of each policy whose stage ran; the PPO stages' EMA weights when they kept one (what they
+    evaluate)."""
     from instructgpt_jax.train import checkpoint
 
     def load(stage: str, key: str = "params"):
         return checkpoint.load_params(os.path.join(workdir, stage), abstract_policy, key=key)
 
     def final_policy(stage: str):
-        if stage_configs[stage].ppo.ema_decay:
+        if config.stages[stage].ppo.ema_decay:
             return load(stage, "ema_params")
         return checkpoint.load_params(os.path.join(workdir, stage), {"policy": abstract_policy})["policy"]
 
-    return {"sft": load("sft"), "pretrained": load("pretrain"), "ppo": final_policy("ppo"),
-            "ppo_ptx": final_policy("ppo_ptx")}
+    loaders = {"sft": lambda: load("sft"), "pretrained": lambda: load("pretrain"),
+               "ppo": lambda: final_policy("ppo"), "ppo_ptx": lambda: final_policy("ppo_ptx")}
+    return {name: loaders[name]() for name in POLICIES if POLICY_STAGE[name] in config.run}
 
 
 def evaluate(config, workdir: str) -> tuple[dict, dict, list]:
@@ -76,7 +101,7 @@ def evaluate(config, workdir: str) -> tuple[dict, dict, list]:
     from instructgpt_jax.stages import ppo
     from instructgpt_jax.train import sharding, steps
 
-    c = config.stages.ppo_ptx
+    c = config.stages.ppo_ptx  # the rollout and evaluation shapes (the same as ppo's)
     mesh = sharding.make_mesh(c)
     tokenizer = common.load_tokenizer(c)
     policy_model = steps.build_model(c)
@@ -84,12 +109,12 @@ def evaluate(config, workdir: str) -> tuple[dict, dict, list]:
     init = ppo.init_state_fn(policy_model, value_model, steps.make_ppo_optimizer(c),
                              c.ppo.prompt_len + c.ppo.max_new_tokens, ema=c.ppo.ema_decay > 0)
     abstract, shardings = sharding.abstract_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(c.seed))
-    policies = load_policies(config.stages, workdir, abstract.params["policy"])
+    policies = load_policies(config, workdir, abstract.params["policy"])
     reward_fn = heads.load_reward_model(os.path.join(workdir, "rm"), ppo.reward_config(c), mesh)
     trainer = ppo.Trainer(c, mesh, tokenizer, policy_model, value_model, shardings, policies["sft"], reward_fn)
     e = config.evaluation
     prompts = tasks.sample_prompts(e.prompts, "test", c.seed)
-    ordered = {name: policies[name] for name in ("sft",) + tuple(p for p in POLICIES if p != "sft")}
+    ordered = {name: policies[name] for name in ("sft",) + tuple(p for p in POLICIES if p != "sft") if name in policies}
     results, samples = ppo.compare_policies(c, trainer, policy_model, ordered, prompts)
 
     generation = c.generation
@@ -116,7 +141,7 @@ def results_table(results: dict, ks) -> str:
     head = ["policy", "gold (T=1)", "gold (greedy)", "win rate vs SFT [95% CI]", "RM score", "KL to SFT",
             "held-out LM loss"] + [f"{k}-shot" for k in ks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in POLICIES:
+    for name in (p for p in POLICIES if p in results):
         row = results[name]
         sampled = row["sampled"]
         if "vs_sft" in sampled:
