@@ -27,6 +27,9 @@ def get_config(arg=None):
     for stage, (name, extra) in STAGE_FILES.items():
         c.stages[stage] = configs.experiment_config(name, f"size={arg.size}{extra}")
     c.stages.pretrain.model.attention.layers = arg.attention
+    # The final evaluation compares every policy on the same prompts; the stages' own comparisons are skipped.
+    c.stages.sft.sft.gold_eval_prompts = 0
+    c.stages.ppo.ppo.eval_prompts = c.stages.ppo_ptx.ppo.eval_prompts = 0
     c.run = tuple(STAGE_FILES)  # ablations may drop ppo or ppo_ptx
     # A stage's directory to share instead of WORKDIR/<stage> ("{workdir}/../shared/sft"): ablations run the
     # early stages once and vary the later ones.
@@ -34,7 +37,7 @@ def get_config(arg=None):
     c.evaluation = dict(
         prompts=512,            # held-out test prompts of the task suite (paired across policies)
         few_shot_ks=(0, 1, 3),  # GPT-3's zero/one/few-shot, on the same families
-        few_shot_prompts=256,   # 0 = skip
+        few_shot_prompts=128,   # 0 = skip
         examples=12,            # rows of samples.md
     )
     if arg.size == "test":  # a 64-token context leaves no room for in-context examples

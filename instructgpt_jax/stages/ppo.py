@@ -375,6 +375,10 @@ def run(config, workdir: str):
             checkpointer.save(done, state, data)
     checkpointer.wait()
 
+    checkpointer.close()
+    if not p.eval_prompts:  # the pipeline evaluates every policy together instead
+        writer.close()
+        return {"iterations": p.iterations, "final_kl_coef": kl_coef}
     final = state.ema_params if state.ema_params is not None else state.params["policy"]
     prompts = tasks.sample_prompts(p.eval_prompts, "test", config.seed)
     results, _ = compare_policies(config, trainer, policy_model, {"sft": ref_params, "ppo": final}, prompts)
@@ -387,7 +391,6 @@ def run(config, workdir: str):
         common.log(f"ppo: {name}: gold {s['gold']['mean']:.3f} ± {s['gold']['ci95']:.3f} (greedy "
                    f"{results[name]['greedy']['gold']['mean']:.3f}), RM {s['rm_score']['mean']:+.3f}, KL to SFT "
                    f"{s['kl_to_reference']['mean']:.3f}, pretraining loss {results[name]['pretrain_loss']:.3f}")
-    checkpointer.close()
     writer.close()
     return results
 
