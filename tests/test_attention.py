@@ -245,7 +245,7 @@ def test_dropout_runs_on_the_reference_path():
 
 @pytest.mark.parametrize("overrides, seq_len, n_heads, dropout, key", [
     ({"layers": "dense,butterfly"}, 64, 4, 0.0, "model.attention.layers"),
-    ({"block_size": 48}, 64, 4, 0.0, "model.attention.block_size"),
+    ({"block_size": 48, "layers": "strided"}, 64, 4, 0.0, "model.attention.block_size"),
     ({"local_window": 0}, 64, 4, 0.0, "model.attention.local_window"),
     ({"stride": 0}, 64, 4, 0.0, "model.attention.stride"),
     ({"fixed_c": 9}, 64, 4, 0.0, "model.attention.fixed_c"),
@@ -288,3 +288,9 @@ def test_block_sparse_in_bfloat16_is_close_to_the_f32_reference():
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(low.astype(jnp.float32),
                                attend(q, k, v, pattern="strided_union", attention_cfg=reference), atol=3e-2)
+
+
+def test_dense_layers_accept_any_block_size():
+    attention.validate(small_cfg("auto", block_size=32), 40, 4)  # dense never tiles T into blocks
+    with pytest.raises(ConfigError, match="block_size=32 must divide the sequence length 40"):
+        attention.validate(small_cfg("auto", block_size=32, layers="gpt3_alternating"), 40, 4)

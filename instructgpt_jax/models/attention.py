@@ -303,8 +303,11 @@ def validate(attention_cfg, seq_len: int, n_heads: int, dropout_rate: float = 0.
             raise ConfigError(f"{KEY}.{key}={cfg[key]} must be >= 1")
     if cfg.fixed_c > cfg.stride:
         raise ConfigError(f"{KEY}.fixed_c={cfg.fixed_c} must be <= {KEY}.stride={cfg.stride}")
-    if seq_len % cfg.block_size:
-        raise ConfigError(f"{KEY}.block_size={cfg.block_size} must divide the sequence length {seq_len}")
+    patterns = {layer_pattern(cfg, i) for i in range(2 * len(names))}
+    blocked = any(g != "dense" for p in patterns for g in head_groups(p)) or cfg.implementation == "block_sparse"
+    if blocked and seq_len % cfg.block_size:  # dense layers never tile the sequence into blocks
+        raise ConfigError(f"{KEY}.block_size={cfg.block_size} must divide the sequence length {seq_len} "
+                          f"(layers {cfg.layers!r})")
     if cfg.implementation == "splash" and splash_block(seq_len, cfg.block_size) is None:
         raise ConfigError(f"{KEY}.implementation='splash' needs a sequence length ({seq_len}) divisible "
                           f"by 128, its smallest tile ({KEY}.block_size={cfg.block_size})")
@@ -312,7 +315,6 @@ def validate(attention_cfg, seq_len: int, n_heads: int, dropout_rate: float = 0.
         raise ConfigError(f"{KEY}.combine={cfg.combine!r} must be one of {COMBINES}")
     if cfg.implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"{KEY}.implementation={cfg.implementation!r} must be one of {IMPLEMENTATIONS}")
-    patterns = {layer_pattern(cfg, i) for i in range(2 * len(names))}
     if any(len(head_groups(p)) > 1 for p in patterns) and n_heads % 2:
         raise ConfigError(f"{KEY}.combine={cfg.combine!r} splits the heads in two halves: "
                           f"the number of heads ({n_heads}) must be even")
