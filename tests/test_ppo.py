@@ -294,3 +294,23 @@ def test_bad_ppo_config_names_the_key(env, key, value, message):
     c[section][name] = value
     with pytest.raises(ConfigError, match=message):
         ppo.validate_ppo_config(c)
+
+
+# ------------------------------------------------------------------------------ parallelism = "pmap"
+
+
+def test_ppo_ptx_step_under_pmap_equals_one_device(models):
+    """The pure data-parallel step on 8 devices (one row each, 1..5 response tokens: the PPO terms are means
+    over response tokens, the ptx term over pretraining rows) gives the loss, metrics and update of 1 device."""
+    from test_train import assert_same_update
+
+    mb = minibatch(models)
+    lengths = np.array([5, 1, 3, 2, 5, 4, 1, 5])
+    mb["response_mask"] = (np.arange(mb["response_mask"].shape[1]) < lengths[:, None]).astype(np.float32)
+    one = ppo_update(models, (1, 1, 1), 1, mb)
+    c = models[0].copy_and_resolve_references()
+    c.parallelism = "pmap"
+    eight = ppo_update((c, *models[1:]), (8, 1, 1), 8, mb)
+    assert_same_update(one, eight, keys=("loss", "policy_loss", "value_loss", "entropy", "ptx_loss", "clip_fraction",
+                                         "approx_kl", "value_clip_fraction", "grad_norm"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one[1].ema_params, eight[1].ema_params)

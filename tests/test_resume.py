@@ -1,6 +1,7 @@
 """Preemption: a run killed with SIGKILL and rerun with the same command ends bit-identical to a run
 never interrupted (same batches from the restored data iterator, same dropout from fold_in(rng, step)),
-for pretraining, SFT (with its epoch selection) and the reward model (with its bias)."""
+for pretraining, SFT (with its epoch selection), the reward model (with its bias) and PPO-ptx (rollouts,
+β and the ptx iterator, and the final evaluation)."""
 import json
 import os
 import signal
@@ -96,7 +97,8 @@ def straight_and_interrupted(tmp_path, command_for, min_step):
 def later_stages(tmp_path_factory):
     """A tokenizer, an initial model saved as the earlier stage, demonstrations and comparisons built once."""
     from instructgpt_jax.data import sources, tasks
-    from instructgpt_jax.stages import rm
+    from instructgpt_jax.models import gpt, heads
+    from instructgpt_jax.stages import ppo, rm
     from test_sft import VOCAB, save_initial_model, stage_config, write_tokenizer
 
     root = tmp_path_factory.mktemp("later_stages")
@@ -109,16 +111,28 @@ def later_stages(tmp_path_factory):
     c.data.comparisons.path = rm.default_comparisons(c, str(root / "rm"), None, None)
     for kind in ("demonstrations", "comparisons"):  # built before the runs that share the data dir start
         sources.build_jsonl_source(kind, c.data)
+    ppo_config = stage_config("ppo", root, tokenizer, "size=test,variant=ppo_ptx")
+    ppo_config.ppo.num_prompts = 64
+    c.data.prompts.path = ppo.default_prompts(ppo_config)
+    sources.build_jsonl_source("prompts", c.data)
+    sources.build_text_source("tasks", c.data)  # PPO-ptx's pretraining rows
+    reward_model = heads.RewardModel(gpt.GPTConfig.from_config(c.model))
+    save_initial_model(c, str(root / "reward"), seed=2, model=reward_model)  # a PPO run scores with it
+    heads.write_bias(str(root / "reward"), 0.0)
     common = [f"--config.data.dir={c.data.dir}", f"--config.tokenizer.path={tokenizer}",
               f"--config.tokenizer.vocab_size={VOCAB}", f"--config.init.params={root / 'earlier'}",
               f"--config.data.demonstrations.path={c.data.demonstrations.path}",
               f"--config.data.comparisons.path={c.data.comparisons.path}", "--config.data.sources.stdlib.weight=0.0",
               "--config.train.progress_bar=False", "--config.train.async_checkpoints=False",
-              "--config.train.log_every=1", "--config.model.resid_dropout=0.1"]
-    return common
+              "--config.train.log_every=1", "--config.model.resid_dropout=0.1",
+              "--config.data.sources.tasks.num_documents=200", "--config.data.sources.tasks.num_validation_documents=20",
+              f"--config.data.prompts.path={c.data.prompts.path}"]
+    return common, root
 
 
 def test_resume_sft_is_bit_identical(tmp_path, later_stages):
+    later_stages, _ = later_stages
+
     def command_for(workdir):
         return [sys.executable, "-m", "instructgpt_jax.main", "--config=experiments/sft.py:size=test",
                 f"--workdir={workdir}", *later_stages, "--config.sft.epochs=3", "--config.sft.gold_eval_prompts=0"]
@@ -130,6 +144,8 @@ def test_resume_sft_is_bit_identical(tmp_path, later_stages):
 
 
 def test_resume_rm_is_bit_identical(tmp_path, later_stages):
+    later_stages, _ = later_stages
+
     def command_for(workdir):
         return [sys.executable, "-m", "instructgpt_jax.main", "--config=experiments/rm.py:size=test",
                 f"--workdir={workdir}", *later_stages, "--config.rm.epochs=2", "--config.train.checkpoint_every=5",
@@ -139,3 +155,22 @@ def test_resume_rm_is_bit_identical(tmp_path, later_stages):
     assert_same_params(straight, interrupted)
     biases = [json.loads(open(os.path.join(w, "reward_bias.json")).read()) for w in (straight, interrupted)]
     assert biases[0] == biases[1]
+
+
+def test_resume_ppo_is_bit_identical(tmp_path, later_stages):
+    """PPO-ptx for 3 iterations, a checkpoint after each, killed after the first (policy and reference: the
+    initial model, reward and value: a fresh RM)."""
+    common, root = later_stages
+    stages = [f"--config.init.{key}={root / name}" for key, name in
+              (("policy", "earlier"), ("reference", "earlier"), ("reward", "reward"), ("value", "reward"))]
+    settings = dict(iterations=3, checkpoint_every=1, batch_size=16, minibatch_size=8, ptx_batch_size=8,
+                    eval_prompts=16, eval_lm_batches=1, num_prompts=64, prompt_len=24, max_new_tokens=8)
+
+    def command_for(workdir):
+        return [sys.executable, "-m", "instructgpt_jax.main", "--config=experiments/ppo.py:size=test,variant=ppo_ptx",
+                f"--workdir={workdir}", *common, *stages, *(f"--config.ppo.{k}={v}" for k, v in settings.items())]
+
+    straight, interrupted = straight_and_interrupted(tmp_path, command_for, min_step=1)
+    assert_same_params(straight, interrupted)
+    evaluations = [json.loads(open(os.path.join(w, "ppo_eval.json")).read()) for w in (straight, interrupted)]
+    assert evaluations[0] == evaluations[1] and evaluations[0]["iterations"] == 3

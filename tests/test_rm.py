@@ -17,6 +17,7 @@ from instructgpt_jax.stages import rm
 from instructgpt_jax.train import sharding, steps
 from instructgpt_jax.train.state import make_optimizer
 from test_sft import save_initial_model, stage_config, write_tokenizer
+from test_train import LAYOUTS, assert_same_update, stage_step_on_devices
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,25 @@ def test_loaded_reward_model_scores_held_out_demonstrations_zero_on_average(rm_r
     scores = np.asarray(reward(tokens, np.array([len(s) - 1 for s in seqs])))
     assert len(scores) >= 5 and abs(scores.mean()) < 1e-4
     assert scores.std() > 0  # a real score, not a constant
+
+
+# ------------------------------------------------------------------------------ the step on 8 devices
+
+
+@pytest.fixture(scope="module")
+def rm_update_on_one_device(reward_model):
+    """Two RM steps on prompts with K = 4, 2, 3, 0 (padding), 2, 4, 1 (no pair), 3 responses:
+    test_train.stage_step_on_devices."""
+    c, model, params = reward_model
+    rng = np.random.default_rng(0)
+    b, k, t = 8, c.rm.max_responses, c.train.seq_len
+    batch = {"tokens": rng.integers(4, 300, size=(b, k, t)).astype(np.int32),
+             "last_index": rng.integers(5, t, size=(b, k)).astype(np.int32),
+             "num_responses": np.array([4, 2, 3, 0, 2, 4, 1, 3], np.int32)}
+    return stage_step_on_devices(c, model, steps.make_rm_step, batch, params)
+
+
+@pytest.mark.parametrize("mesh_shape,parallelism", LAYOUTS)
+def test_rm_step_on_8_devices_equals_one_device(rm_update_on_one_device, mesh_shape, parallelism):
+    on, one = rm_update_on_one_device
+    assert_same_update(one, on(mesh_shape, 8, parallelism=parallelism), keys=("loss", "accuracy", "mean_score"))

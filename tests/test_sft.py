@@ -15,6 +15,7 @@ from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.stages import sft
 from instructgpt_jax.train import checkpoint, sharding, steps
 from instructgpt_jax.train.state import TrainState, make_optimizer
+from test_train import LAYOUTS, assert_same_update, stage_step_on_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 384  # the smallest the tokenizer allows; tiny tests need no more
@@ -44,10 +45,11 @@ def write_tokenizer(path) -> str:
     return str(path)
 
 
-def save_initial_model(config, workdir: str, seed: int = 1):
-    """A freshly initialised GPT saved as if an earlier stage had trained it; returns its params."""
+def save_initial_model(config, workdir: str, seed: int = 1, model=None):
+    """A freshly initialised GPT (or `model`) saved as if an earlier stage had trained it; returns its params."""
     mesh = sharding.make_mesh(config)
-    init = steps.init_state_fn(steps.build_model(config), make_optimizer(config.optim), config.train.seq_len)
+    model = steps.build_model(config) if model is None else model
+    init = steps.init_state_fn(model, make_optimizer(config.optim), config.train.seq_len)
     state, _ = sharding.sharded_init(init, mesh, sharding.rules(config), jax.random.PRNGKey(seed))
     ck = checkpoint.Checkpointer(workdir)
     ck.save(1, state)
@@ -203,3 +205,31 @@ def test_load_params_of_the_workdir_gives_the_selected_epoch(sft_run):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(selected))
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), loaded, pretrained)
     assert all(jax.tree.leaves(changed))  # fine-tuned, not the initial model
+
+
+# ------------------------------------------------------------------------------ the step on 8 devices
+
+
+@pytest.fixture(scope="module")
+def sft_update_on_one_device(model_and_params):
+    """Two SFT steps with a prompt loss and the pretraining mix on a batch whose rows have 0..19 response
+    tokens (a device with none): test_train.stage_step_on_devices."""
+    c, model, params = model_and_params
+    c = c.copy_and_resolve_references()
+    c.sft.prompt_loss_weight, c.sft.pretrain_mix = 0.1, 0.25
+    rng = np.random.default_rng(0)
+    t = c.train.seq_len
+    mask = np.zeros((8, t), np.float32)
+    for row, (start, n) in enumerate(zip(rng.integers(2, 20, size=8), [5, 0, 19, 1, 12, 3, 7, 16])):
+        mask[row, start:start + n] = 1.0
+    batch = {"tokens": rng.integers(4, VOCAB, size=(8, t + 1)).astype(np.int32), "loss_mask": mask,
+             "pretrain_tokens": rng.integers(4, VOCAB, size=(8, t + 1)).astype(np.int32)}
+    return stage_step_on_devices(c, model, steps.make_sft_step, batch, params)
+
+
+@pytest.mark.parametrize("mesh_shape,parallelism", LAYOUTS)
+def test_sft_step_on_8_devices_equals_one_device(sft_update_on_one_device, mesh_shape, parallelism):
+    on, one = sft_update_on_one_device
+    assert_same_update(one, on(mesh_shape, 8, parallelism=parallelism),
+                       keys=("loss", "response_loss", "prompt_loss", "pretrain_loss", "response_tokens"))
+    assert float(one[0]["response_tokens"]) == 63

@@ -1,8 +1,9 @@
 """Sharded pretraining step (1 device vs 8 fake devices), optimizer, non-finite guard, checkpoints."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from instructgpt_jax import configs
@@ -10,9 +11,10 @@ from instructgpt_jax.train import checkpoint, sharding, steps
 from instructgpt_jax.train.state import learning_rate_schedule, make_optimizer
 
 
-def build(mesh_shape, n_devices, **optim):
+def build(mesh_shape, n_devices, parallelism="mesh", **optim):
     c = configs.base_config("pretrain", "test")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+    c.parallelism = parallelism
     c.optim.update(optim)
     mesh = sharding.make_mesh(c, jax.devices()[:n_devices])
     model = steps.build_model(c)
@@ -25,8 +27,8 @@ def tokens(seed=1):
     return jax.random.randint(jax.random.PRNGKey(seed), (8, 65), 0, 512)
 
 
-def run_steps(mesh_shape, n_devices, n=2):
-    c, mesh, model, _, state, shardings = build(mesh_shape, n_devices)
+def run_steps(mesh_shape, n_devices, n=2, parallelism="mesh"):
+    c, mesh, model, _, state, shardings = build(mesh_shape, n_devices, parallelism)
     step = steps.make_pretrain_step(c, model, mesh, shardings)
     for i in range(n):
         state, metrics = step(state, {"tokens": tokens(i)})
@@ -145,33 +147,155 @@ def test_dry_run_compiles_when_the_mesh_fits():
     assert plan["xla_temp_gib"] > 0
 
 
+# The 8-device layouts a stage's step must reproduce 1 device on: (mesh shape, parallelism).
+LAYOUTS = [((8, 1, 1), "mesh"), ((2, 2, 2), "mesh"), ((1, 4, 2), "mesh"), ((8, 1, 1), "pmap")]
+
+
+def update_on_devices(c, mesh_shape, n_devices, init, make_step, batch, params=None, parallelism="mesh", n=2):
+    """n steps of make_step(config, mesh, state_shardings) on a mesh_shape mesh of the first n_devices devices,
+    from init's state (its params replaced by `params`); returns the last metrics and the state, on the host.
+
+    Adam's ε is 1e-4: its first steps are ±lr wherever |gradient| ≫ ε, which would turn float noise in a
+    gradient that is 0 in exact arithmetic (the RM head's bias) into a difference of 2·lr."""
+    c = c.copy_and_resolve_references()
+    c.optim.eps = 1e-4
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+    c.parallelism = parallelism
+    mesh = sharding.make_mesh(c, jax.devices()[:n_devices])
+    state, shardings = sharding.sharded_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
+    if params is not None:  # a copy: the step donates its state
+        state = state.replace(params=jax.device_put(jax.tree.map(jnp.copy, params), shardings.params))
+    step = make_step(c, mesh, shardings)
+    for _ in range(n):
+        state, metrics = step(state, batch)
+    return jax.device_get(metrics), jax.device_get(state)
+
+
+def stage_step_on_devices(c, model, make_stage_step, batch, params):
+    """(on, on one device): on(mesh_shape, n_devices, parallelism=) is update_on_devices of the stage's
+    make_stage_step(config, model, mesh, state_shardings) from `params` on `batch`."""
+    init = steps.init_state_fn(model, make_optimizer(c.optim), c.train.seq_len)
+    on = functools.partial(update_on_devices, c, init=init, batch=batch, params=params,
+                           make_step=lambda c, mesh, shardings: make_stage_step(c, model, mesh, shardings))
+    return on, on((1, 1, 1), 1)
+
+
+def assert_same_update(reference, other, keys=("loss",)):
+    """Metrics (loss: relative 1e-6, as a large PPO-ptx loss needs) and updated parameters (1e-5) agree."""
+    (metrics1, state1), (metrics2, state2) = reference, other
+    for key in keys:
+        assert float(metrics2[key]) == pytest.approx(float(metrics1[key]), rel=1e-6, abs=1e-5), key
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), state1.params, state2.params)
+
+
 def test_pmap_path_equals_the_mesh_path(single_device):
-    from instructgpt_jax.train import pmap
-
     loss1, params1, _ = single_device
-    c, mesh, model, _, state, _ = build((1, 1, 1), 1)
-    step = pmap.make_pmap_update_step(steps.pretrain_loss(model), c)
-    replicated = pmap.replicate(jax.device_get(state))
-    for i in range(2):
-        replicated, metrics = step(replicated, {"tokens": np.asarray(tokens(i))})
-    assert float(metrics["loss"]) == pytest.approx(loss1, abs=1e-5)
-    params8 = pmap.unreplicate(jax.device_get(replicated.params))
+    loss8, params8, state8 = run_steps((8, 1, 1), 8, parallelism="pmap")
+    assert loss8 == pytest.approx(loss1, abs=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params1, params8)
+    kernel = state8.params["h_0"]["mlp"]["fc"]["kernel"]
+    assert kernel.sharding.is_fully_replicated and len(kernel.sharding.device_set) == 8  # an ordinary array
 
 
-def test_pmap_weights_devices_by_their_token_counts():
+def test_pmap_combines_means_over_different_items_as_one_device_does():
+    """A loss mixing a mean over a per-device number of tokens (none on one device) with a plain mean over
+    rows, plus a count and a mean over other items: pmap on 8 devices gives the metrics and update of 1."""
     from instructgpt_jax.train import pmap
+    from instructgpt_jax.train.state import create_state
 
-    c, mesh, model, _, state, _ = build((1, 1, 1), 1)
+    def loss_fn(params, batch, rng):
+        m = batch["m"]
+        tokens = (jnp.square(batch["x"] - params["w"]) * m).sum() / jnp.maximum(m.sum(), 1.0)
+        rows = jnp.mean(jnp.square(batch["y"] * params["v"]))
+        metrics = {"token_loss": tokens, "row_loss": rows, "tokens": m.sum(), "rows_seen": batch["y"].shape[0],
+                   "first_token": (batch["x"][:, 0] * m[:, 0]).sum() / jnp.maximum(m[:, 0].sum(), 1.0),
+                   pmap.WEIGHTS: {"loss": m.sum(), "row_loss": 1.0, "tokens": pmap.TOTAL, "rows_seen": 1.0,
+                                  "first_token": m[:, 0].sum()},
+                   pmap.TERMS: {"token_loss": 1.0, "row_loss": 0.5}}
+        return tokens + 0.5 * rows, metrics
 
-    def masked_loss(params, batch, rng):  # mean over a per-device number of tokens
-        x = params["ln_f"]["scale"][0] * batch["x"]
-        return (x * batch["m"]).sum() / batch["m"].sum(), {"weight": batch["m"].sum()}
-
-    x = np.arange(8, dtype=np.float32)[:, None].repeat(4, 1)
+    rng = np.random.default_rng(0)
     m = np.zeros((8, 4), np.float32)
-    m[0] = 1.0  # device 0 counts four tokens, device d > 0 one token
-    m[1:, 0] = 1.0
-    step = pmap.make_pmap_update_step(masked_loss, c)
-    _, metrics = step(pmap.replicate(jax.device_get(state)), {"x": x, "m": m})
-    assert float(metrics["loss"]) == pytest.approx((x * m).sum() / m.sum())
+    m[0], m[2:, 0] = 1.0, 1.0  # device 0 counts 4 tokens, device 1 none, the others 1
+    batch = {"x": rng.normal(size=(8, 4)).astype(np.float32), "m": m, "y": rng.normal(size=(8,)).astype(np.float32)}
+    c = configs.base_config("pretrain", "test")
+    c.optim.warmup_steps = 0
+    tx = make_optimizer(c.optim)
+    init = lambda rng: create_state({"w": jnp.zeros((4,)), "v": jnp.ones(())}, tx, rng)  # noqa: E731
+
+    def make_step(c, mesh, shardings):
+        return steps.make_update_step(loss_fn, c, mesh, shardings, sharding.batch_sharding(mesh))
+
+    one = update_on_devices(c, (1, 1, 1), 1, init, make_step, batch)
+    eight = update_on_devices(c, (8, 1, 1), 8, init, make_step, batch, parallelism="pmap")
+    assert_same_update(one, eight, keys=("loss", "token_loss", "row_loss", "tokens", "first_token", "grad_norm"))
+    assert float(one[0]["tokens"]) == 10 and pmap.WEIGHTS not in one[0] and pmap.TERMS not in one[0]
+    assert (int(one[0]["rows_seen"]), int(eight[0]["rows_seen"])) == (8, 1)  # pmap: each device sees its rows
+    assert float(np.abs(eight[1].params["w"]).sum()) > 0
+
+
+@pytest.mark.parametrize("mesh,batch_size,match", [
+    ((4, 2, 1), 8, r"parallelism='pmap'.*mesh.fsdp=1 and mesh.tensor=1"),
+    ((4, 1, 2), 8, r"parallelism='pmap'.*mesh.fsdp=1 and mesh.tensor=1"),
+    ((-1, 1, 1), 12, r"parallelism='pmap' splits train.batch_size=12 over the 8 devices"),
+])
+def test_pmap_rejects_sharded_meshes_and_uneven_batches(mesh, batch_size, match):
+    from instructgpt_jax.errors import ConfigError
+
+    c = configs.base_config("pretrain", "test")
+    c.parallelism, c.train.batch_size = "pmap", batch_size
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    with pytest.raises(ConfigError, match=match):
+        configs.validate(c, num_devices=8)
+    c.parallelism = "data"
+    with pytest.raises(ConfigError, match="parallelism must be 'mesh' or 'pmap'"):
+        configs.validate(c, num_devices=8)
+
+
+def test_pretrain_stage_under_pmap_equals_the_mesh_and_resumes(tmp_path, monkeypatch, capsys):
+    """experiments/pretrain.py:size=test for 4 steps with --config.parallelism=pmap (interrupted after step 2's
+    checkpoint and rerun) ends with the mesh run's parameters."""
+    import shutil
+
+    from instructgpt_jax.stages import pretrain
+    from instructgpt_jax.train import pmap
+    from test_resume import final_params
+    from test_sft import VOCAB, experiment_config, write_tokenizer
+
+    tokenizer = write_tokenizer(tmp_path / "tokenizer.model")
+    built = []
+    make = pmap.make_pmap_update_step
+    monkeypatch.setattr(pmap, "make_pmap_update_step", lambda *a, **k: built.append(1) or make(*a, **k))
+
+    def run(parallelism, workdir):
+        c = experiment_config("pretrain", "size=test,steps=4")
+        c.parallelism = parallelism
+        c.data.dir, c.tokenizer.path, c.tokenizer.vocab_size = str(tmp_path / "data"), tokenizer, VOCAB
+        c.data.sources.stdlib.weight = 0.0
+        c.data.sources.tasks.update(num_documents=200, num_validation_documents=20)
+        c.train.update(checkpoint_every=2, eval_batches=1, progress_bar=False, async_checkpoints=False)
+        pretrain.run(c, str(tmp_path / workdir))
+
+    run("mesh", "mesh")
+    assert not built
+    run("pmap", "pmap")
+    assert built
+    straight = jax.tree.map(np.asarray, final_params(str(tmp_path / "pmap")))
+    shutil.rmtree(tmp_path / "pmap" / "checkpoints" / "4")  # as if killed after step 2's checkpoint
+    capsys.readouterr()
+    run("pmap", "pmap")
+    assert "resuming from" in capsys.readouterr().out
+    resumed = final_params(str(tmp_path / "pmap"))
+    jax.tree.map(np.testing.assert_array_equal, straight, jax.tree.map(np.asarray, resumed))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+                 final_params(str(tmp_path / "mesh")), resumed)
+
+
+def test_pmap_dry_run_lowers_for_more_devices_than_present():
+    from instructgpt_jax.stages import pretrain
+
+    c = configs.base_config("pretrain", "test")
+    c.dry_run, c.parallelism = True, "pmap"
+    c.mesh.data, c.train.batch_size = 16, 16
+    plan = pretrain.run(c, "/nonexistent/never/created")
+    assert plan["mesh"] == {"data": 16, "fsdp": 1, "tensor": 1} and plan["lower_s"] > 0

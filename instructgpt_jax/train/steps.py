@@ -3,6 +3,8 @@
 A stage contributes only its loss, `loss_fn(params, batch, rng) -> (loss, metrics)`; the update
 (gradients, clipping, AdamW, skipping non-finite updates, EMA) is shared by all of them. The
 step's randomness (dropout) is `fold_in(state.rng, state.step)`, so a resumed run repeats it.
+`config.parallelism` picks how a step runs: "mesh" (jit with declared shardings) or "pmap" (pure data
+parallelism, train/pmap.py), for which a loss declares what its means are over (pmap.WEIGHTS, pmap.TERMS).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import optax
 
 from instructgpt_jax import losses
 from instructgpt_jax.models import gpt
-from instructgpt_jax.train import sharding
+from instructgpt_jax.train import pmap, sharding
 from instructgpt_jax.train.state import TrainState, create_state, learning_rate_schedule, make_optimizer
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -55,14 +57,19 @@ def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema
 
 def make_update_step(loss_fn: LossFn, config, mesh, state_shardings, batch_shardings, ema_decay=None,
                      ema_of=lambda params: params, tx: optax.GradientTransformation | None = None):
-    """Jitted `(state, batch) -> (state, metrics)` with declared shardings and the state donated.
+    """Jitted `(state, batch) -> (state, metrics)` with declared shardings and the state donated; with
+    config.parallelism == "pmap" the same step as a pure data-parallel program (train/pmap.py).
     tx defaults to the optimizer of config.optim."""
     tx = make_optimizer(config.optim) if tx is None else tx
     schedule = learning_rate_schedule(config.optim)
+    if config.parallelism == "pmap":
+        update = lambda state, grads, loss: apply_update(state, grads, tx, ema_decay, ema_of, loss)  # noqa: E731
+        return pmap.make_pmap_update_step(loss_fn, mesh, state_shardings, batch_shardings, update, schedule)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        metrics = pmap.strip_declarations(metrics)
         new_state, update_metrics = apply_update(state, grads, tx, ema_decay, ema_of, loss)
         return new_state, {**metrics, **update_metrics, "loss": loss, "lr": schedule(state.step)}
 
@@ -76,7 +83,7 @@ def make_eval_step(loss_fn: LossFn, config, mesh, params_shardings, batch_shardi
 
     def evaluate(params, batch):
         loss, metrics = loss_fn(params, batch, None)
-        return {**metrics, "loss": loss}
+        return {**pmap.strip_declarations(metrics), "loss": loss}
 
     jitted = jax.jit(evaluate, in_shardings=(params_shardings, batch_shardings), out_shardings=sharding.replicated(mesh))
     return sharding.with_sharding_context(jitted, mesh, sharding.rules(config))
@@ -119,15 +126,22 @@ def sft_loss(model: gpt.GPT, prompt_loss_weight: float = 0.0, pretrain_mix: floa
 
     def loss_fn(params, batch, rng):
         sft_rng, lm_rng = (None, None) if rng is None else jax.random.split(rng)
-        tokens = batch["tokens"]
-        loss, response_loss, n_tokens = losses.sft_loss(forward(params, tokens, sft_rng), tokens[:, 1:],
-                                                        batch["loss_mask"], prompt_loss_weight)
+        tokens, mask = batch["tokens"], batch["loss_mask"]
+        logits = forward(params, tokens, sft_rng)
+        loss, response_loss, n_tokens = losses.sft_loss(logits, tokens[:, 1:], mask, prompt_loss_weight)
         metrics = {"response_loss": response_loss, "response_tokens": n_tokens}
+        # pmap: the response loss is a mean over response tokens, the prompt loss over prompt tokens.
+        weights, terms = {"loss": n_tokens, "response_tokens": pmap.TOTAL}, {"response_loss": 1.0}
+        if prompt_loss_weight:
+            prompt = jnp.cumsum(mask, axis=-1) == 0  # the prompt targets, as in losses.sft_loss
+            metrics["prompt_loss"], weights["prompt_loss"] = losses.masked_lm_loss(logits, tokens[:, 1:], prompt)
+            terms["prompt_loss"] = prompt_loss_weight
         if pretrain_mix:
             lm = losses.lm_loss(forward(params, batch["pretrain_tokens"], lm_rng), batch["pretrain_tokens"][:, 1:])
             loss = (1.0 - pretrain_mix) * loss + pretrain_mix * lm
-            metrics["pretrain_loss"] = lm
-        return loss, metrics
+            metrics["pretrain_loss"], weights["pretrain_loss"] = lm, 1.0  # equal pretraining rows per device
+            terms = {**{k: (1.0 - pretrain_mix) * c for k, c in terms.items()}, "pretrain_loss": pretrain_mix}
+        return loss, {**metrics, pmap.WEIGHTS: weights, pmap.TERMS: terms}
 
     return loss_fn
 
@@ -153,6 +167,8 @@ def rm_loss(model) -> LossFn:
         valid = jnp.arange(scores.shape[1])[None] < n[:, None]
         mean = (scores * valid).sum() / jnp.maximum(valid.sum(), 1)
         metrics = {"accuracy": losses.pairwise_accuracy(scores, n), "mean_score": mean}
+        # pmap: the loss is a mean over prompts with a pair, the accuracy over pairs, the score over responses.
+        metrics[pmap.WEIGHTS] = {"loss": (n >= 2).sum(), "accuracy": (n * (n - 1) // 2).sum(), "mean_score": valid.sum()}
         return losses.pairwise_ranking_loss(scores, n), metrics
 
     return loss_fn
@@ -189,11 +205,15 @@ def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
         loss = policy_loss + ppo_cfg.value_coef * value_loss - ppo_cfg.entropy_coef * entropy
         metrics.update(policy_loss=policy_loss, value_loss=value_loss, value_clip_fraction=value_clip_fraction,
                        entropy=entropy, explained_variance=losses.explained_variance(values, batch["returns"], mask))
+        # pmap: the PPO terms (and metrics) are means over response tokens, the ptx term over equal rows.
+        metrics[pmap.WEIGHTS] = {"loss": mask.sum(), "ptx_loss": 1.0}
+        metrics[pmap.TERMS] = {"policy_loss": 1.0, "value_loss": ppo_cfg.value_coef, "entropy": -ppo_cfg.entropy_coef}
         if ppo_cfg.ptx_coef:
             pretrain = batch["pretrain_tokens"]
             ptx_loss = losses.lm_loss(policy_model.apply({"params": params["policy"]}, pretrain[:, :-1]), pretrain[:, 1:])
             loss = loss + ppo_cfg.ptx_coef * ptx_loss
             metrics["ptx_loss"] = ptx_loss
+            metrics[pmap.TERMS]["ptx_loss"] = ppo_cfg.ptx_coef
         return loss, metrics
 
     return loss_fn
