@@ -317,7 +317,7 @@ def demonstration_longer_than_the_context(env, tmp, copy, monkeypatch):
     long = {"prompt": "Repeat: " + " ".join(["cat dog"] * 60) + "\nAnswer:", "completion": " cat"}
     path = write_lines(tmp / "demos.jsonl", [GOOD_DEMO] * 20 + [long] + [GOOD_DEMO] * 20)
     return env.sft_args(tmp / "sft", "--config.data.demonstrations.overlong=error", demos=path), \
-        rf"{path}:21: demonstration is \d+ tokens, longer than seq_len \+ 1 = 65"
+        rf"{path}:21: demonstration is \d+ tokens, longer than seq_len \+ 1 = \d+"
 
 
 @case
@@ -358,7 +358,7 @@ def no_comparison_fits_the_context(env, tmp, copy, monkeypatch):
     long = " " + " ".join(["cat dog"] * 60)
     record = {"prompt": "Repeat: a\nAnswer:", "responses": [long + " a", long + " b"]}
     path = write_lines(tmp / "cmp.jsonl", [record] * 40)
-    return env.rm_args(tmp / "rm", path), rf"{path}: no train comparisons with >= 2 responses fit in seq_len=64"
+    return env.rm_args(tmp / "rm", path), rf"{path}: no train comparisons with >= 2 responses fit in seq_len=\d+"
 
 
 @case

@@ -201,9 +201,10 @@ class Trainer:
     def rollout_metrics(self, batch, output, prompts) -> dict:
         scores, kl, lengths = host_array(batch.scores), host_array(batch.kl), host_array(output.lengths)
         response, ended = host_array(output.response), host_array(output.ended)
-        metrics = {"rm_score": float(scores.mean()), "kl": float(kl.sum(axis=-1).mean()),
-                   "response_length": float(lengths.mean()), "ended": float(ended.mean()),
-                   "advantage_std": float(host_array(batch.advantages).std())}
+        returns, mask = host_array(batch.returns), host_array(batch.response_mask) > 0
+        metrics = {"rm_score": float(scores.mean()), "rm_score_std": float(scores.std()),
+                   "kl": float(kl.sum(axis=-1).mean()), "response_length": float(lengths.mean()),
+                   "ended": float(ended.mean()), "return_mean": float(returns[mask].mean())}
         gold = gold_scores(prompts, [self.tokenizer.decode(r) for r in response], ended)
         if gold is not None:
             metrics["gold_score"] = float(gold.mean())
