@@ -47,6 +47,7 @@ def stage_directory(config, workdir: str, name: str) -> str:
         raise ConfigError(f"shared_stages.{name}={shared!r}: {stage_dir} already links to {os.readlink(stage_dir)}")
     if not os.path.lexists(stage_dir):
         os.makedirs(target, exist_ok=True)
+        os.makedirs(workdir, exist_ok=True)
         os.symlink(target, stage_dir)
     return stage_dir
 
