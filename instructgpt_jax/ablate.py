@@ -112,7 +112,7 @@ def run_variant(module, name: str, arg: str, workdir: str) -> dict:
 def main(argv):
     if len(argv) != 2 or FLAGS.workdir is None:
         raise app.UsageError("usage: python -m instructgpt_jax.ablate ABLATION.py --workdir=DIR")
-    from instructgpt_jax.errors import UserError
+    from instructgpt_jax.errors import UserError, report
     from instructgpt_jax.stages.common import enable_compilation_cache
 
     if not FLAGS["verbosity"].present:
@@ -123,8 +123,7 @@ def main(argv):
         variants = {k: v for k, v in module.VARIANTS.items() if not FLAGS.only or k in FLAGS.only}
         rows = [run_variant(module, name, arg, FLAGS.workdir) for name, arg in variants.items()]
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report(e))
     columns = getattr(module, "COLUMNS", ["variant", "attention", "final_eval_loss", "tokens_per_s", "step_memory_gib"])
     table = markdown_table(rows, columns)
     with open(os.path.join(FLAGS.workdir, "results.md"), "w", encoding="utf-8") as f:

@@ -3,6 +3,9 @@
 Raise these for problems in the user's input: configs, data files, checkpoints. The message
 must name the offending key, file and line, or directory.
 """
+import sys
+
+USER_ERROR_EXIT = 2  # the exit status of every command line for a problem in the user's input
 
 
 class UserError(Exception):
@@ -19,3 +22,9 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
     """A missing, corrupt or incompatible checkpoint; the message names the directory."""
+
+
+def report(error) -> int:
+    """Prints `error: <message>` on one line to stderr; returns USER_ERROR_EXIT."""
+    print("error: " + " ".join(str(error).split()), file=sys.stderr)
+    return USER_ERROR_EXIT

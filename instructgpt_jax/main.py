@@ -16,12 +16,12 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file, optiona
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-USER_ERROR_EXIT = 2
 
 
 def fail(message: str) -> None:
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)  # always one line
-    sys.exit(USER_ERROR_EXIT)
+    from instructgpt_jax import errors
+
+    sys.exit(errors.report(message))
 
 
 def _config_file_error(message: str) -> str | None:

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from instructgpt_jax.errors import DataError, UserError
+from instructgpt_jax.errors import DataError, UserError, report
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
@@ -210,8 +210,7 @@ def main(argv: list[str]) -> int:
         for path in plot_workdir(positional[0], options.get("out"), options.get("results")):
             print(path)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
 
 from instructgpt_jax.data.tokenizer import EOS_ID, gpt2_bpe_files
-from instructgpt_jax.errors import CheckpointError, ConfigError, UserError
+from instructgpt_jax.errors import CheckpointError, ConfigError, UserError, report
 from instructgpt_jax.models import attention, gpt
 
 CONFIG_FILE = "config.json"
@@ -348,8 +348,7 @@ def main(argv: list[str]) -> int:
             export_hf_gpt2(params, model_cfg, argv[2], int(argv[3]) if len(argv) == 4 else eos_id)
             print(f"wrote {argv[2]}/{CONFIG_FILE} and {argv[2]}/{WEIGHTS_FILE}")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

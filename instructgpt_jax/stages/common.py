@@ -103,3 +103,11 @@ def save_json(path: str, obj) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object a stage wrote with save_json, or None when it has not been written."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

@@ -8,7 +8,6 @@ tax) and GPT-3-style zero/one/few-shot gold accuracy. Writes RESULTS_MD, RESULTS
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -26,11 +25,7 @@ RESULTS_MD, RESULTS_JSON, SAMPLES_MD = "results.md", "results.json", "samples.md
 
 
 def stage_done(stage_dir: str) -> dict | None:
-    path = os.path.join(stage_dir, DONE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return common.read_json(os.path.join(stage_dir, DONE_FILE))
 
 
 def stage_directory(config, workdir: str, name: str) -> str:

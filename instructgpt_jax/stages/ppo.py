@@ -23,7 +23,7 @@ import numpy as np
 from instructgpt_jax import configs, losses
 from instructgpt_jax.data import pipeline, sources, tasks
 from instructgpt_jax.errors import ConfigError
-from instructgpt_jax.eval import gold
+from instructgpt_jax.eval import gold, perplexity
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import rollout, sampling
 from instructgpt_jax.stages import common, sft
@@ -76,9 +76,10 @@ def default_prompts(config) -> str:
     return sft.cached_jsonl(config.data, "prompts", settings, lambda path: tasks.write_prompts(path, n, "train", seed))
 
 
-def encode_prompts(tokenizer, prompts, prompt_len: int, overlong: str, where: str) -> list[list[int]]:
-    """Token ids per prompt; one longer than prompt_len keeps its last tokens, is dropped, or is an error."""
-    encoded, dropped = [], 0
+def encode_prompts(tokenizer, prompts, prompt_len: int, overlong: str, where: str) -> tuple[list[list[int]], list[int]]:
+    """(token ids, index into prompts) of each kept prompt; one longer than prompt_len keeps its last tokens,
+    is dropped, or is an error."""
+    encoded, kept, dropped = [], [], 0
     for i, prompt in enumerate(prompts):
         ids = tokenizer.encode(prompt)
         if not ids:
@@ -91,9 +92,10 @@ def encode_prompts(tokenizer, prompts, prompt_len: int, overlong: str, where: st
                 dropped += 1
                 continue
         encoded.append(ids[-prompt_len:])
+        kept.append(i)
     if not encoded:
         raise ConfigError(f"{where}: no prompt fits ppo.prompt_len={prompt_len} ({dropped} dropped)")
-    return encoded
+    return encoded, kept
 
 
 def iteration_prompts(pool_size: int, batch_size: int, seed: int, iteration: int) -> np.ndarray:
@@ -159,6 +161,7 @@ class Trainer:
         batch = sharding.batch_sharding(mesh)
         self.take = jax.jit(lambda rollout, idx: {k: getattr(rollout, k)[idx] for k in STEP_KEYS}, out_shardings=batch)
         self.to_device = functools.partial(pipeline.to_global_batch, sharding=batch)
+        self.lm_nll = sharding.with_sharding_context(perplexity.make_nll_fn(policy_model), mesh, sharding.rules(config))
 
     def generate(self, params, prompt_ids, rng):
         tokens, mask = sampling.left_pad([list(x) for x in prompt_ids], self.ppo.prompt_len)
@@ -228,14 +231,14 @@ def next_kl_coef(ppo_cfg, kl_coef: float, observed_kl: float) -> float:
 # ------------------------------------------------------------------------------ final evaluation
 
 
-def held_out_lm_loss(config, policy_model, tokenizer, mesh, params, n_batches: int) -> float:
-    """Mean next-token loss on validation batches of the pretraining mixture (the alignment tax)."""
-    loss_fn = jax.jit(steps.pretrain_loss(policy_model), static_argnums=2)
-    it = pipeline.lm_batches(config.data, tokenizer, config.train.seq_len, config.ppo.ptx_batch_size, "validation",
-                             seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    to_device = functools.partial(pipeline.to_global_batch, sharding=sharding.batch_sharding(mesh))
-    with sharding.sharding_context(mesh, sharding.rules(config)):
-        return float(np.mean([float(loss_fn(params, to_device(next(it)), None)[0]) for _ in range(n_batches)]))
+def held_out_lm_loss(trainer: Trainer, params, n_batches: int) -> float:
+    """Next-token loss per token on validation batches of the pretraining mixture (the alignment tax)."""
+    config = trainer.config
+    it = pipeline.lm_batches(config.data, trainer.tokenizer, config.train.seq_len, config.ppo.ptx_batch_size,
+                             "validation", seed=config.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    batches = (trainer.to_device(next(it)) for _ in range(n_batches))
+    return perplexity.heldout_perplexity(trainer.lm_nll, params, batches)["loss"]
 
 
 def sample_and_score(trainer: Trainer, params, prompt_ids, temperature: float, seed: int) -> dict:
@@ -266,7 +269,7 @@ def compare_policies(config, trainer: Trainer, policy_model, named_params: dict,
     from instructgpt_jax.eval import stats
 
     p = config.ppo
-    ids = encode_prompts(trainer.tokenizer, prompts, p.prompt_len, "truncate", "evaluation prompts")
+    ids, _ = encode_prompts(trainer.tokenizer, prompts, p.prompt_len, "truncate", "evaluation prompts")
     results, samples = {"prompts": len(prompts)}, {}
     for name, params in named_params.items():
         row = {}
@@ -275,8 +278,7 @@ def compare_policies(config, trainer: Trainer, policy_model, named_params: dict,
             s["gold"] = gold.gold_scores(prompts, s["texts"], s["ended"])
             row[mode] = {"gold": stats.mean_ci(s["gold"]), "rm_score": stats.mean_ci(s["rm"]),
                          "kl_to_reference": stats.mean_ci(s["kl"]), "ended": float(np.mean(s["ended"]))}
-        row["pretrain_loss"] = held_out_lm_loss(config, policy_model, trainer.tokenizer, trainer.mesh, params,
-                                                p.eval_lm_batches)
+        row["pretrain_loss"] = held_out_lm_loss(trainer, params, p.eval_lm_batches)
         results[name] = row
     base = next(iter(named_params))
     for name in list(named_params)[1:]:
@@ -322,10 +324,9 @@ def run(config, workdir: str):
     tokenizer = common.load_tokenizer(config)
     built = sources.build_jsonl_source("prompts", config.data)
     prompts = [r["prompt"] for r in sources.read_examples(built, "train")]
-    prompt_ids = encode_prompts(tokenizer, prompts, config.ppo.prompt_len, config.ppo.overlong_prompts,
-                                f"data.prompts.path={config.data.prompts.path}")
-    if len(prompt_ids) != len(prompts):  # overlong prompts dropped: keep the texts aligned with their ids
-        prompts = [q for q in prompts if len(tokenizer.encode(q)) <= config.ppo.prompt_len]
+    prompt_ids, kept = encode_prompts(tokenizer, prompts, config.ppo.prompt_len, config.ppo.overlong_prompts,
+                                      f"data.prompts.path={config.data.prompts.path}")
+    prompts = [prompts[i] for i in kept]  # texts aligned with their ids when overlong ones were dropped
     common.log(f"ppo: {len(prompts)} train prompts, {config.ppo.iterations} iterations x {config.ppo.batch_size} "
                f"episodes, β={config.ppo.kl_coef}{' (adaptive)' if config.ppo.adaptive_kl else ''}, "
                f"ptx γ={config.ppo.ptx_coef}")

@@ -277,11 +277,7 @@ def select_epoch(config, checkpointer, abstract_state, per_epoch: int, criteria:
 
 
 def read_selection(workdir: str) -> dict | None:
-    path = os.path.join(workdir, SELECTION_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return common.read_json(os.path.join(workdir, SELECTION_FILE))
 
 
 def selection_criteria(config, workdir, mesh, model, tokenizer, built, eval_step, to_device, sampler) -> dict:
