@@ -5,7 +5,8 @@ name to the config argument string that selects it. Each variant trains in WORKD
 finished variant is skipped on rerun; an interrupted one resumes), and the runner writes
 WORKDIR/results.json, WORKDIR/results.md (a table) and a plot: WORKDIR/loss.png (pretraining loss
 curves), or WORKDIR/results.png from the file's `plot(rows, path)` when it defines `summarize(name,
-config, variant_workdir) -> row` (pipeline ablations: a row from the variant's results.json).
+config, variant_workdir) -> row` (pipeline ablations: a row from the variant's results.json). `summarize`
+may return a list of rows instead (one per SFT epoch, say; none for a variant that only runs shared stages).
 """
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-flags.DEFINE_string("workdir", None, "Where the variants' workdirs and the tables go.")
-flags.DEFINE_list("only", [], "Run only these variants.")
-FLAGS = flags.FLAGS
+FLAGS = flags.FLAGS  # defined when run as a program: importing this module (tests) defines no flags
 
 
 def load_ablation(path: str):
@@ -84,10 +83,10 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def run_variant(module, name: str, arg: str, workdir: str) -> dict:
-    """Trains (or finds finished) one variant and returns its row: module.summarize(name, config, vdir)
-    when the ablation defines it (pipeline ablations read the variant's results.json), else the
-    pretraining summary with the compiled step's memory."""
+def run_variant(module, name: str, arg: str, workdir: str) -> list[dict]:
+    """Trains (or finds finished) one variant and returns its rows: module.summarize(name, config, vdir)
+    when the ablation defines it (pipeline ablations read the variant's results.json; a dict is one row),
+    else the pretraining summary with the compiled step's memory."""
     import copy
 
     from instructgpt_jax import stages
@@ -98,7 +97,9 @@ def run_variant(module, name: str, arg: str, workdir: str) -> dict:
     if hasattr(module, "summarize"):
         if not os.path.isfile(os.path.join(vdir, "results.json")):
             stages.run(config, vdir)
-        return {"variant": name, **module.summarize(name, config, vdir), "wall_s": time.perf_counter() - start}
+        summary = module.summarize(name, config, vdir)
+        seconds = time.perf_counter() - start
+        return [{"variant": name, **row, "wall_s": seconds} for row in ([summary] if isinstance(summary, dict) else summary)]
     plan_config = copy.deepcopy(config)
     plan_config.dry_run = True
     plan = stages.run(plan_config, vdir)  # compiled step memory, no allocation
@@ -106,7 +107,25 @@ def run_variant(module, name: str, arg: str, workdir: str) -> dict:
     if not any(r["split"] == "train" and r["step"] == config.train.steps for r in records):
         stages.run(config, vdir)
         records = read_metrics(vdir)
-    return summarize(name, config, records, plan, time.perf_counter() - start)
+    return [summarize(name, config, records, plan, time.perf_counter() - start)]
+
+
+def run_ablation(module, workdir: str, only=()) -> str:
+    """Runs the variants (all, or those named in `only`) and writes results.md, results.json and the plot into
+    workdir; returns the markdown table."""
+    variants = {k: v for k, v in module.VARIANTS.items() if not only or k in only}
+    rows = [row for name, arg in variants.items() for row in run_variant(module, name, arg, workdir)]
+    columns = getattr(module, "COLUMNS", ["variant", "attention", "final_eval_loss", "tokens_per_s", "step_memory_gib"])
+    table = markdown_table(rows, columns)
+    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"# {getattr(module, 'TITLE', module.__name__)}\n\n{table}")
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1, default=float)
+    if hasattr(module, "plot"):
+        module.plot(rows, os.path.join(workdir, "results.png"))
+    else:
+        plot_curves(rows, os.path.join(workdir, "loss.png"), getattr(module, "TITLE", ""))
+    return table
 
 
 def main(argv):
@@ -119,23 +138,13 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     enable_compilation_cache()
     try:
-        module = load_ablation(argv[1])
-        variants = {k: v for k, v in module.VARIANTS.items() if not FLAGS.only or k in FLAGS.only}
-        rows = [run_variant(module, name, arg, FLAGS.workdir) for name, arg in variants.items()]
+        table = run_ablation(load_ablation(argv[1]), FLAGS.workdir, FLAGS.only)
     except UserError as e:
         sys.exit(report(e))
-    columns = getattr(module, "COLUMNS", ["variant", "attention", "final_eval_loss", "tokens_per_s", "step_memory_gib"])
-    table = markdown_table(rows, columns)
-    with open(os.path.join(FLAGS.workdir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(f"# {getattr(module, 'TITLE', argv[1])}\n\n{table}")
-    with open(os.path.join(FLAGS.workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=1, default=float)
-    if hasattr(module, "plot"):
-        module.plot(rows, os.path.join(FLAGS.workdir, "results.png"))
-    else:
-        plot_curves(rows, os.path.join(FLAGS.workdir, "loss.png"), getattr(module, "TITLE", ""))
     print(table)
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "Where the variants' workdirs and the tables go.")
+    flags.DEFINE_list("only", [], "Run only these variants.")
     app.run(main)

@@ -227,17 +227,28 @@ def mean_greedy_reward(sampler, reward_fn, params, prompt_ids, config) -> float:
     return float(np.mean(scores))
 
 
+def gold_eval_prompts(config, tokenizer) -> tuple[list[str], list[list[int]]]:
+    """The sft.gold_eval_prompts task-suite validation prompts and their token ids."""
+    prompts = tasks.sample_prompts(config.sft.gold_eval_prompts, "validation", config.seed)
+    return prompts, task_prompt_ids(tokenizer, prompts)
+
+
+def gold_of_responses(config, sampler, tokenizer, params, prompts, ids, temperature: float):
+    """(gold scores [N], texts, ended) of responses to prompts at temperature (0 = greedy)."""
+    texts, ended = sample_texts(sampler, params, tokenizer, ids, jax.random.PRNGKey(config.seed + 1), temperature,
+                                config)
+    return gold_scores(prompts, texts, ended), texts, ended
+
+
 def gold_evaluation(config, sampler, tokenizer, named_params: dict) -> dict:
     """Mean gold score (± 95% CI) of greedy and sampled (T=1) responses to task-suite validation prompts,
     for each model, and the paired difference of the last model minus the first."""
-    prompts = tasks.sample_prompts(config.sft.gold_eval_prompts, "validation", config.seed)
-    ids = task_prompt_ids(tokenizer, prompts)
+    prompts, ids = gold_eval_prompts(config, tokenizer)
     results, scores = {"prompts": len(prompts)}, {}
     for name, params in named_params.items():
         for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-            texts, ended = sample_texts(sampler, params, tokenizer, ids, jax.random.PRNGKey(config.seed + 1),
-                                        temperature, config)
-            scores[name, mode] = gold_scores(prompts, texts, ended)
+            scores[name, mode], texts, ended = gold_of_responses(config, sampler, tokenizer, params, prompts, ids,
+                                                                 temperature)
             results[f"{name}_{mode}"] = {**mean_ci(scores[name, mode]), "ended": float(np.mean(ended))}
             if mode == "greedy":
                 results[f"{name}_examples"] = [{"prompt": p, "response": t} for p, t in zip(prompts[:4], texts[:4])]
@@ -254,7 +265,7 @@ def select_epoch(config, checkpointer, abstract_state, per_epoch: int, criteria:
     """Evaluates every epoch's checkpoint and makes the best one the workdir's latest checkpoint.
 
     criteria: name -> fn(params) -> float; "reward" (higher is better) decides when present, else
-    "validation_loss" (lower is better). When the best is not the last epoch, its state is saved again
+    "validation_loss" (lower is better); others (the gold score) are only recorded in each epoch's row. When the best is not the last epoch, its state is saved again
     as step last + 1, so load_params(workdir) returns the selected model."""
     epochs = []
     for epoch in range(1, config.sft.epochs + 1):
@@ -281,7 +292,9 @@ def read_selection(workdir: str) -> dict | None:
 
 
 def selection_criteria(config, workdir, mesh, model, tokenizer, built, eval_step, to_device, sampler) -> dict:
-    """Validation loss always; the RM's mean greedy score on validation prompts when sft.select_reward is set."""
+    """Validation loss always; the RM's mean greedy score on validation prompts when sft.select_reward is set;
+    the mean gold score of greedy responses to the gold_evaluation prompts when sft.gold_eval_prompts > 0
+    (recorded per epoch, never selects: the gold labeler stands in for humans the selection cannot ask)."""
     n_batches = max(1, len(built.split("validation")) // config.train.batch_size)
     loss = functools.partial(validation_loss, eval_step, config, tokenizer, to_device, n_batches)
     criteria = {"validation_loss": loss}
@@ -292,6 +305,10 @@ def selection_criteria(config, workdir, mesh, model, tokenizer, built, eval_step
         prompts = sorted({r["prompt"] for r in sources.read_examples(built, "validation")})
         ids = task_prompt_ids(tokenizer, prompts[: config.sft.select_prompts])
         criteria["reward"] = lambda params: mean_greedy_reward(sampler, reward_fn, params, ids, config)
+    if config.sft.gold_eval_prompts:
+        gold_prompts, gold_ids = gold_eval_prompts(config, tokenizer)
+        criteria["gold"] = lambda params: float(np.mean(
+            gold_of_responses(config, sampler, tokenizer, params, gold_prompts, gold_ids, 0.0)[0]))
     return criteria
 
 
