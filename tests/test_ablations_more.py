@@ -211,10 +211,12 @@ def test_sft_epochs_table_has_a_row_per_epoch(fake_stages, tmp_path, monkeypatch
     at_test_size(m, monkeypatch)
     monkeypatch.chdir(tmp_path)
     ablate.run_ablation(m, "abl")
-    rows = check_outputs(tmp_path / "abl", m, 8)
+    rows = check_outputs(tmp_path / "abl", m, 8 + 16)
     assert fake_stages == [("pretrain", "abl/shared/pretrain"), ("sft", "abl/shared/sft"), ("rm", "abl/shared/rm"),
-                           ("sft", "abl/sft_8_epochs/sft")]
-    assert [r["epoch"] for r in rows] == list(range(1, 9)) and {r["variant"] for r in rows} == {"sft_8_epochs"}
+                           ("sft", "abl/sft_8_epochs/sft"), ("sft", "abl/sft_16_epochs/sft")]
+    assert [(r["variant"], r["epoch"]) for r in rows] == [("sft_8_epochs", e) for e in range(1, 9)] + [
+        ("sft_16_epochs", e) for e in range(1, 17)]
+    rows = rows[:8]
     assert [r["validation_loss"] for r in rows[:3]] == [2.0, 1.0, 2.0]
     assert rows[-1]["rm_score"] == pytest.approx(0.3) and rows[-1]["gold"] == pytest.approx(0.46)
     assert [r["selected"] for r in rows] == [False] * 7 + [True]  # by RM score, as InstructGPT

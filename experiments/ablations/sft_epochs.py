@@ -4,9 +4,9 @@ InstructGPT: the SFT models overfit on validation loss after 1 epoch, yet traini
 RM score and human preference ratings; hence 16 epochs, with the final epoch chosen by RM score.
 
 Variants run in order. `pipeline_rm` runs (or finds) the ordinary pipeline's pretrain, SFT and RM in
-WORKDIR/shared (no evaluation, no rows): its RM scores the epochs. `sft_8_epochs` fine-tunes the shared
-pretrained model for 8 epochs (ordinary tiny SFT otherwise: lr, 12.5% pretraining mix, cosine decay over all
-epochs) and records for every epoch's checkpoint the validation loss, the shared RM's mean score of greedy
+WORKDIR/shared (no evaluation, no rows): its RM scores the epochs. `sft_8_epochs` and `sft_16_epochs`
+(InstructGPT's count) fine-tune the shared pretrained model (ordinary tiny SFT otherwise: lr, 12.5% pretraining
+mix, cosine decay over all epochs, so the two differ in schedule too) and record for every epoch's checkpoint the validation loss, the shared RM's mean score of greedy
 responses to 256 validation prompts (`sft.select_reward`, which also selects the epoch, as InstructGPT) and
 the gold labeler's mean score of greedy responses to 256 validation prompts (`sft.gold_eval_prompts`).
 On 3000 demonstrations instead of the pipeline's 12000: the regime App. C.1 describes is a model that can
@@ -25,7 +25,7 @@ from instructgpt_jax import configs  # noqa: E402
 from instructgpt_jax.stages import sft  # noqa: E402
 
 TITLE = "SFT epochs: validation loss vs RM score vs gold score of greedy responses (tiny)"
-VARIANTS = {"pipeline_rm": "part=rm", "sft_8_epochs": "epochs=8"}
+VARIANTS = {"pipeline_rm": "part=rm", "sft_8_epochs": "epochs=8", "sft_16_epochs": "epochs=16"}
 COLUMNS = ["variant", "epoch", "validation_loss", "rm_score", "gold", "selected"]
 PARTS = ("rm", "epochs")
 
@@ -58,8 +58,10 @@ def summarize(name, config, workdir):
 
 def plot(rows, path):
     fig, axes = common.figure(3)
-    epochs = [r["epoch"] for r in rows]
-    for ax, key in zip(axes, ("validation_loss", "rm_score", "gold")):
-        ax.plot(epochs, [r[key] for r in rows], marker="o")
-        ax.set(xlabel="SFT epoch", ylabel=key)
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant]
+        for ax, key in zip(axes, ("validation_loss", "rm_score", "gold")):
+            ax.plot([r["epoch"] for r in runs], [r[key] for r in runs], marker="o", label=variant)
+            ax.set(xlabel="SFT epoch", ylabel=key)
+    axes[0].legend(fontsize=7)
     common.save(fig, path, TITLE)
