@@ -44,6 +44,7 @@ def get_config(arg=None):
         kl_horizon=10_000,          # episodes
         whiten_rewards=False,
         no_eos_penalty=0.0,         # subtracted from the RM score of responses that never end
+        reward="model",             # "model": the RM; "gold": the task suite's gold score (oracle-reward upper bound)
         ptx_coef=27.8 if arg.variant == "ppo_ptx" else 0.0,  # γ of PPO-ptx (§3.5 eq. 2)
         ptx_batch_size=64,          # pretraining sequences per minibatch update
         ema_decay=0.992,            # EMA of the policy weights, evaluated at the end (App. C.4)

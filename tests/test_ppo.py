@@ -129,11 +129,12 @@ def sampled(policy, params, batch=4, prompt_len=6, new=5, seed=0):
     return out, jnp.asarray(mask)
 
 
-def score(c, policy, value, policy_params, value_params, out, mask, ref_params=None, kl_coef=0.02):
-    settings = rollout.RolloutSettings(temperature=0.7)
+def score(c, policy, value, policy_params, value_params, out, mask, ref_params=None, kl_coef=0.02, **settings):
+    settings = rollout.RolloutSettings(temperature=0.7, **settings)
+    external = jnp.linspace(0.0, 1.0, out.tokens.shape[0])
     return rollout.score_rollout(policy, value, settings, policy_params, value_params,
                                  policy_params if ref_params is None else ref_params, value_params, 0.25, kl_coef,
-                                 out.tokens, mask, out.response_mask, out.ended)
+                                 out.tokens, mask, out.response_mask, out.ended, external)
 
 
 def test_rollout_logprobs_equal_the_samplers_and_kl_to_itself_is_zero(models):
@@ -147,6 +148,18 @@ def test_rollout_logprobs_equal_the_samplers_and_kl_to_itself_is_zero(models):
                       *rollout.sequence_inputs(mask, out.response_mask))
     np.testing.assert_allclose(batch.scores, raw - 0.25, atol=1e-5)
     assert float(jnp.abs(batch.advantages).sum()) > 0
+
+
+def test_gold_reward_replaces_the_rm_score_in_the_rewards_but_the_rm_score_is_still_reported(models):
+    c, policy, value, policy_params, value_params = models
+    out, mask = sampled(policy, policy_params)
+    by_rm = score(c, policy, value, policy_params, value_params, out, mask, kl_coef=0.0)
+    by_gold = score(c, policy, value, policy_params, value_params, out, mask, kl_coef=0.0, reward="gold")
+    external = np.linspace(0.0, 1.0, out.tokens.shape[0])
+    np.testing.assert_allclose(by_gold.scores, external, atol=1e-6)
+    np.testing.assert_allclose(by_gold.rm_scores, by_rm.scores, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(by_gold.rewards).sum(-1), external, atol=1e-5)  # β = 0: only the score
+    np.testing.assert_allclose(np.asarray(by_rm.rewards).sum(-1), by_rm.scores, atol=1e-5)
 
 
 def test_kl_to_a_different_reference_is_positive_on_average(models):
@@ -282,11 +295,19 @@ def test_ppo_stage_trains_evaluates_and_resumes_exactly(env, earlier_stages):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(earlier_stages / "ppo_straight" / "tensorboard"))
 
 
+def test_ppo_with_the_gold_reward_trains_and_still_reports_the_rm_score(env, earlier_stages):
+    ppo.run(ppo_config(env, iterations=1, reward="gold", eval_prompts=0), str(earlier_stages / "ppo_gold"))
+    [train] = [json.loads(line) for line in open(earlier_stages / "ppo_gold" / "metrics.jsonl")
+               if json.loads(line)["split"] == "train"]
+    assert 0.0 <= train["gold_score"] <= 1.0 and np.isfinite(train["rm_score"]) and np.isfinite(train["policy_loss"])
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("ppo.minibatch_size", 3, "not divisible by ppo.minibatch_size"),
     ("ppo.max_new_tokens", 200, "exceeds model.max_len"),
     ("ppo.overlong_prompts", "cut", "overlong_prompts"),
     ("init.reward", "", "init.reward"),
+    ("ppo.reward", "oracle", "ppo.reward"),
 ])
 def test_bad_ppo_config_names_the_key(env, key, value, message):
     c = ppo_config(env)

@@ -30,7 +30,8 @@ class Rollout:
     logprobs: jax.Array       # [B, N] log π_old(y_t) at the sampling temperature
     ref_logprobs: jax.Array   # [B, N] log π_SFT(y_t), same temperature
     values: jax.Array         # [B, N] V_old(s_t)
-    scores: jax.Array         # [B] RM score − bias − no-EOS penalty
+    scores: jax.Array         # [B] the score rewarded: RM score − bias (or the external score) − no-EOS penalty
+    rm_scores: jax.Array      # [B] RM score − bias, also when the reward is external (RM vs gold under optimisation)
     rewards: jax.Array        # [B, N] −β·KL_t, plus the score at the last token
     advantages: jax.Array     # [B, N] GAE, whitened over the batch
     returns: jax.Array        # [B, N] value targets: unwhitened advantages + values
@@ -45,11 +46,13 @@ class RolloutSettings:
     lam: float = 0.95            # GAE λ
     no_eos_penalty: float = 0.0  # subtracted from the score of a response that never emitted EOS
     whiten_rewards: bool = False
+    reward: str = "model"        # "model": the RM's score; "gold": scores computed outside (the task suite's)
 
     @classmethod
     def from_config(cls, ppo_cfg) -> "RolloutSettings":
         return cls(temperature=ppo_cfg.temperature, gamma=ppo_cfg.gamma, lam=ppo_cfg.gae_lambda,
-                   no_eos_penalty=ppo_cfg.no_eos_penalty, whiten_rewards=ppo_cfg.whiten_rewards)
+                   no_eos_penalty=ppo_cfg.no_eos_penalty, whiten_rewards=ppo_cfg.whiten_rewards,
+                   reward=ppo_cfg.reward)
 
 
 def sequence_inputs(prompt_mask, response_mask):
@@ -85,36 +88,44 @@ def reward_scores(reward_model, params, tokens, prompt_mask, response_mask, bias
 
 
 def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_params, value_params, ref_params,
-                  rm_params, rm_bias, kl_coef, tokens, prompt_mask, response_mask, ended) -> Rollout:
-    """Everything PPO needs from a sampled batch (pure; no gradients flow through it)."""
+                  rm_params, rm_bias, kl_coef, tokens, prompt_mask, response_mask, ended,
+                  external_scores=None) -> Rollout:
+    """Everything PPO needs from a sampled batch (pure; no gradients flow through it). With
+    settings.reward == "gold", `external_scores` [B] replace the reward model's (an oracle-reward run)."""
     response_mask = response_mask.astype(jnp.float32)
     args = (tokens, prompt_mask, response_mask)
     logprobs, _ = response_logprobs(policy_model, policy_params, *args, settings.temperature)
     ref_logprobs, _ = response_logprobs(policy_model, ref_params, *args, settings.temperature)
     values = response_values(reward_model, value_params, *args)
-    scores = reward_scores(reward_model, rm_params, *args, rm_bias)
+    rm_scores = reward_scores(reward_model, rm_params, *args, rm_bias)
+    scores = external_scores.astype(jnp.float32) if settings.reward == "gold" else rm_scores
     scores = scores - settings.no_eos_penalty * (1.0 - ended.astype(jnp.float32))
     rewards, kl = losses.kl_penalised_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef)
     if settings.whiten_rewards:
         rewards = losses.masked_whiten(rewards, response_mask, shift_mean=False)
     advantages, returns = losses.generalized_advantages(rewards, values, response_mask, settings.gamma, settings.lam)
     return Rollout(tokens=tokens, prompt_mask=prompt_mask, response_mask=response_mask, logprobs=logprobs,
-                   ref_logprobs=ref_logprobs, values=values, scores=scores, rewards=rewards,
+                   ref_logprobs=ref_logprobs, values=values, scores=scores, rm_scores=rm_scores, rewards=rewards,
                    advantages=losses.masked_whiten(advantages, response_mask), returns=returns, kl=kl)
 
 
 def make_scorer(config, policy_model, reward_model, mesh, policy_shardings, value_shardings):
-    """Jitted `(policy, value, ref, rm params, rm_bias, kl_coef, tokens, prompt_mask, response_mask, ended)
+    """Jitted `(policy, value, ref, rm params, rm_bias, kl_coef, output, prompt_mask, external_scores=None)
     -> Rollout`, batch-sharded; β and the bias are traced scalars (an adaptive β never recompiles)."""
     settings = RolloutSettings.from_config(config.ppo)
     fn = functools.partial(score_rollout, policy_model, reward_model, settings)
     batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     jitted = jax.jit(fn, in_shardings=(policy_shardings, value_shardings, policy_shardings, value_shardings,
-                                       replicated, replicated, batch, batch, batch, batch), out_shardings=batch)
+                                       replicated, replicated, batch, batch, batch, batch, batch),
+                     out_shardings=batch)
     in_context = sharding.with_sharding_context(jitted, mesh, sharding.rules(config))
 
-    def scorer(policy_params, value_params, ref_params, rm_params, rm_bias, kl_coef, output, prompt_mask) -> Rollout:
+    def scorer(policy_params, value_params, ref_params, rm_params, rm_bias, kl_coef, output, prompt_mask,
+               external_scores=None) -> Rollout:
+        if external_scores is None:  # unused by the "model" reward; a fixed-shape input keeps one compilation
+            external_scores = jnp.zeros_like(output.ended, jnp.float32)
         return in_context(policy_params, value_params, ref_params, rm_params, jnp.float32(rm_bias),
-                          jnp.float32(kl_coef), output.tokens, prompt_mask, output.response_mask, output.ended)
+                          jnp.float32(kl_coef), output.tokens, prompt_mask, output.response_mask, output.ended,
+                          external_scores)
 
     return scorer

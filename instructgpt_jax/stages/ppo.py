@@ -31,6 +31,7 @@ from instructgpt_jax.train import checkpoint, compiles, sharding, steps
 from instructgpt_jax.train.state import TrainState
 
 EVAL_FILE = "ppo_eval.json"
+REWARDS = ("model", "gold")  # the reward model's score, or the task suite's gold score (an oracle upper bound)
 STEP_KEYS = ("tokens", "prompt_mask", "response_mask", "logprobs", "values", "advantages", "returns")
 
 
@@ -58,6 +59,11 @@ def validate_ppo_config(config) -> None:
     if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
         raise ConfigError(f"ppo.adaptive_kl needs ppo.kl_target > 0 and ppo.kl_horizon > 0, got "
                           f"{p.kl_target}, {p.kl_horizon}")
+    if p.reward not in REWARDS:
+        raise ConfigError(f"ppo.reward={p.reward!r}: expected one of {REWARDS}")
+    if p.reward == "gold" and config.data.prompts.path:
+        raise ConfigError(f"ppo.reward='gold' scores task-suite prompts only; data.prompts.path="
+                          f"{config.data.prompts.path!r} has its own prompts (use ppo.reward='model')")
     if p.overlong_prompts not in ("truncate", "drop", "error"):
         raise ConfigError(f"ppo.overlong_prompts={p.overlong_prompts!r}: expected truncate, drop or error")
     data, fsdp, _ = configs.validate_mesh(config, jax.device_count())
@@ -178,8 +184,12 @@ class Trainer:
         output, prompt_mask = self.generate(state.params["policy"], [prompt_ids[i] for i in index], rng)
         jax.block_until_ready(output)
         times["generate"] = time.perf_counter()
+        gold = self.gold_of([prompts[i] for i in index], output)
+        external = None
+        if p.reward == "gold":
+            external = self.to_device({"scores": local_rows(gold.astype(np.float32))})["scores"]
         batch = self.scorer(state.params["policy"], state.params["value"], self.ref_params, self.reward_fn.params,
-                            self.reward_fn.bias, kl_coef, output, prompt_mask)
+                            self.reward_fn.bias, kl_coef, output, prompt_mask, external)
         jax.block_until_ready(batch)
         times["score"] = time.perf_counter()
         update_metrics = []
@@ -194,21 +204,24 @@ class Trainer:
         update_metrics = jax.device_get(update_metrics)
         times["update"] = time.perf_counter()
         metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
-        metrics.update(self.rollout_metrics(batch, output, [prompts[i] for i in index]))
+        metrics.update(self.rollout_metrics(batch, output, gold))
         elapsed = times["update"] - times["start"]
         metrics.update(kl_coef=kl_coef, time_generate=times["generate"] - times["start"],
                        time_score=times["score"] - times["generate"], time_update=times["update"] - times["score"],
                        episodes_per_s=p.batch_size / elapsed)
         return state, metrics
 
-    def rollout_metrics(self, batch, output, prompts) -> dict:
-        scores, kl, lengths = host_array(batch.scores), host_array(batch.kl), host_array(output.lengths)
+    def gold_of(self, prompts, output) -> np.ndarray | None:
+        """Gold scores [B] of a rollout's responses (None for prompts outside the task suite)."""
         response, ended = host_array(output.response), host_array(output.ended)
+        return gold_scores(prompts, [self.tokenizer.decode(r) for r in response], ended)
+
+    def rollout_metrics(self, batch, output, gold) -> dict:
+        scores, kl, lengths = host_array(batch.rm_scores), host_array(batch.kl), host_array(output.lengths)
         returns, mask = host_array(batch.returns), host_array(batch.response_mask) > 0
         metrics = {"rm_score": float(scores.mean()), "rm_score_std": float(scores.std()),
                    "kl": float(kl.sum(axis=-1).mean()), "response_length": float(lengths.mean()),
-                   "ended": float(ended.mean()), "return_mean": float(returns[mask].mean())}
-        gold = gold_scores(prompts, [self.tokenizer.decode(r) for r in response], ended)
+                   "ended": float(host_array(output.ended).mean()), "return_mean": float(returns[mask].mean())}
         if gold is not None:
             metrics["gold_score"] = float(gold.mean())
         return metrics
@@ -257,7 +270,7 @@ def sample_and_score(trainer: Trainer, params, prompt_ids, temperature: float, s
                                trainer.reward_fn.bias, 0.0, output, device["mask"])
         out["texts"] += [trainer.tokenizer.decode(r) for r in host_array(output.response)]
         out["ended"] += [bool(e) for e in host_array(output.ended)]
-        out["rm"] += list(host_array(batch.scores))
+        out["rm"] += list(host_array(batch.rm_scores))
         out["kl"] += list(host_array(batch.kl).sum(axis=-1))
     return {k: v[:len(prompt_ids)] for k, v in out.items()}
 

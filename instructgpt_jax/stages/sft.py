@@ -3,7 +3,8 @@
 Starts from the pretrained checkpoint (`init.params`), trains `sft.epochs` epochs on response tokens,
 keeps a checkpoint per epoch and selects one: by the reward model's mean score of greedy responses to
 validation prompts when `sft.select_reward` names an RM workdir (as InstructGPT did), else by
-validation loss. The selected epoch is written to SELECTION_FILE and is the workdir's latest
+validation loss. The selected epoch is written to SELECTION_FILE, with every epoch's criteria (and its
+greedy gold score when sft.gold_eval_prompts > 0: App. C.1's loss-vs-quality curve), and is the workdir's latest
 checkpoint, so `checkpoint.load_params(sft_workdir, ...)` gives it. With the embedded default data, the
 labeler's demonstrations are written to the data directory and read through the ordinary JSONL path,
 and the pretrained and selected models' gold scores on validation prompts are written to GOLD_FILE.
