@@ -256,6 +256,7 @@ def test_few_shot_size_table_has_accuracy_per_k_and_size(fake_stages, tmp_path, 
     assert [s for s, _ in fake_stages] == ["pretrain"] * 3 and evaluated == [("pretrain",)] * 3
     assert rows["deep"]["3_shot"] == pytest.approx(0.43) and rows["narrow"]["0_shot"] == pytest.approx(0.1)
     assert rows["deep"]["lm_loss"] == 1.0 and rows["deep"]["3_shot_mean_k"] == pytest.approx(2.7)
+    assert rows["deep"]["ci95"] == 0.02
     assert rows["narrow"]["params"] < rows["base"]["params"] < rows["deep"]["params"]
     results = (tmp_path / "abl" / "deep" / "results.md").read_text()
     assert "| pretrained | – | – | – | – | – | – | 0.400 | 0.410 | 0.430 |" in results

@@ -24,7 +24,7 @@ from instructgpt_jax import configs  # noqa: E402
 TITLE = "Zero/one/few-shot gold accuracy of pretrained models vs size (tiny family, same data and steps)"
 VARIANTS = {"narrow": "model=narrow", "base": "model=base", "deep": "model=deep"}
 KS = (0, 1, 3)
-COLUMNS = ["variant", "params", "lm_loss", *(f"{k}_shot" for k in KS), *(f"{k}_shot_mean_k" for k in KS)]
+COLUMNS = ["variant", "params", "lm_loss", *(f"{k}_shot" for k in KS), "ci95", f"{KS[-1]}_shot_mean_k"]
 
 
 def get_config(arg=None):
@@ -48,16 +48,23 @@ def summarize(name, config, workdir):
         row[f"{k}_shot"] = few_shot[f"{k}_shot"]["mean"]
         row[f"{k}_shot_ci95"] = few_shot[f"{k}_shot"]["ci95"]
         row[f"{k}_shot_mean_k"] = few_shot[f"{k}_shot"]["mean_k"]  # examples that fit the context, on average
+    row["ci95"] = max(row[f"{k}_shot_ci95"] for k in config.evaluation.few_shot_ks)  # the widest of the k
     return row
 
 
 def plot(rows, path):
-    fig, (ax,) = common.figure(1)
+    fig, (shots, loss) = common.figure(2)
     rows = sorted(rows, key=lambda r: r["params"])
     params = [r["params"] for r in rows]
     for k in KS:
-        ax.errorbar(params, [r[f"{k}_shot"] for r in rows], yerr=[r[f"{k}_shot_ci95"] for r in rows], marker="o",
-                    capsize=3, label=f"{k}-shot")
-    ax.set(xscale="log", xlabel="parameters", ylabel="gold accuracy (greedy)")
-    ax.legend(fontsize=8)
+        shots.errorbar(params, [r[f"{k}_shot"] for r in rows], yerr=[r[f"{k}_shot_ci95"] for r in rows], marker="o",
+                       capsize=3, label=f"{k}-shot")
+    shots.set(ylabel="gold accuracy (greedy, ± 95% CI)")
+    shots.legend(fontsize=8)
+    loss.plot(params, [r["lm_loss"] for r in rows], "ko-")
+    loss.set(ylabel="held-out LM loss")
+    for ax in (shots, loss):
+        ax.set(xscale="log", xlabel="parameters")
+        ax.set_xticks(params, [f"{p / 1e6:.2f}M" for p in params], minor=False)
+        ax.set_xticks([], minor=True)
     common.save(fig, path, TITLE)
