@@ -230,13 +230,14 @@ def test_rm_noise_size_table_has_accuracy_next_to_the_ceiling_at_each_noise(fake
     at_test_size(m, monkeypatch, ceiling_prompts=200)
     monkeypatch.chdir(tmp_path)
     ablate.run_ablation(m, "abl")
-    rows = {r["variant"]: r for r in check_outputs(tmp_path / "abl", m, 4)}
+    rows = {r["variant"]: r for r in check_outputs(tmp_path / "abl", m, 5)}
     pretrained = [w for stage, w in fake_stages if stage == "pretrain"]
-    assert pretrained == ["abl/shared/pretrain", "abl/shared_narrow/pretrain"]  # once per trunk
+    assert pretrained == [f"abl/shared{t}/pretrain" for t in ("", "_narrow", "_deep")]  # once per trunk
     assert [w for stage, w in fake_stages if stage == "rm"] == [f"abl/{v}/rm" for v in m.VARIANTS]  # one each
     assert rows["noise_0"]["ceiling"] == 1.0 > rows["noise_0.32"]["ceiling"] > rows["noise_0.6"]["ceiling"] > 0.5
     assert rows["noise_0.6"]["accuracy"] == pytest.approx(0.7 - 0.18 - 1 / 64)
-    assert rows["narrow_noise_0.32"]["model"] == "narrow" and rows["narrow_noise_0.32"]["params"] < rows["noise_0"]["params"]
+    assert rows["narrow_noise_0.32"]["model"] == "narrow"
+    assert rows["narrow_noise_0.32"]["params"] < rows["noise_0"]["params"] < rows["deep_noise_0.32"]["params"]
 
 
 def test_few_shot_size_table_has_accuracy_per_k_and_size(fake_stages, tmp_path, monkeypatch):

@@ -7,9 +7,10 @@ both the ceiling and what an RM can learn.
 
 Label noise: `labeler.noise` ∈ {0, 0.32 (the calibrated default: two labelers agree on ~73%), 0.6} for the RM
 of the tiny pipeline; pretrain and SFT shared (WORKDIR/shared), each variant trains only its RM.
-Size: the `narrow` trunk (1 layer, d_model 64: 0.19M parameters vs tiny's 0.68M) at noise 0.32 needs its own
-pretraining and SFT (WORKDIR/shared_narrow), same data, steps and learning rates; a larger trunk (`deep`,
-1.07M) costs twice the tiny pipeline's CPU time and is left to `--only`-style reruns with VARIANTS extended.
+Size: the `narrow` (1 layer, d_model 64: 0.19M parameters) and `deep` (4 layers, d_model 128: 1.07M) trunks
+beside tiny's (0.68M), at noise 0.32; each needs its own pretraining and SFT (WORKDIR/shared_<trunk>) with the
+same data, steps and learning rates (the trunks of few_shot_size.py: link its shared_<trunk>/pretrain here to
+reuse them). At 300 pretraining steps `deep` is not a better language model than tiny (few_shot_size.py).
 Every RM ranks the same simulated comparisons (`rm.samples="simulated"`: the same prompts and responses for
 every variant, only the labels' noise differs), so neither sweep changes what is being ranked; the labeler
 ceiling (two independent labelers at that noise) is measured on the same kind of samples.
@@ -30,7 +31,7 @@ from instructgpt_jax.stages import rm  # noqa: E402
 
 TITLE = "Reward model: held-out accuracy vs label noise and vs trunk size (tiny, simulated comparisons)"
 VARIANTS = {"noise_0": "noise=0.0", "noise_0.32": "noise=0.32", "noise_0.6": "noise=0.6",
-            "narrow_noise_0.32": "model=narrow,noise=0.32"}
+            "narrow_noise_0.32": "model=narrow,noise=0.32", "deep_noise_0.32": "model=deep,noise=0.32"}
 COLUMNS = ["variant", "model", "params", "noise", "accuracy", "gold_agreement", "labels_gold_agreement", "ceiling",
            "pairs"]
 
