@@ -11,9 +11,10 @@ Size: the `narrow` (1 layer, d_model 64: 0.19M parameters) and `deep` (4 layers,
 beside tiny's (0.68M), at noise 0.32; each needs its own pretraining and SFT (WORKDIR/shared_<trunk>) with the
 same data, steps and learning rates (the trunks of few_shot_size.py: link its shared_<trunk>/pretrain here to
 reuse them). At 300 pretraining steps `deep` is not a better language model than tiny (few_shot_size.py).
-Every RM ranks the same simulated comparisons (`rm.samples="simulated"`: the same prompts and responses for
-every variant, only the labels' noise differs), so neither sweep changes what is being ranked; the labeler
-ceiling (two independent labelers at that noise) is measured on the same kind of samples.
+Every RM is trained on rankings of the same simulated responses (`rm.samples="simulated"`: the same prompts
+and responses for every variant, so neither sweep changes what is being ranked; only the labels' noise
+differs, and the pairs a labeler sees as tied are dropped: at noise 0 every gold tie, hence fewer pairs); the
+labeler ceiling (two independent labelers at that noise) is measured on the same kind of samples.
 Columns: accuracy vs the (noisy) labels, agreement with the gold scorer, how often the labels themselves agree
 with gold, and the ceiling.
 
