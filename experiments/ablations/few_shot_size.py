@@ -64,7 +64,5 @@ def plot(rows, path):
     loss.plot(params, [r["lm_loss"] for r in rows], "ko-")
     loss.set(ylabel="held-out LM loss")
     for ax in (shots, loss):
-        ax.set(xscale="log", xlabel="parameters")
-        ax.set_xticks(params, [f"{p / 1e6:.2f}M" for p in params], minor=False)
-        ax.set_xticks([], minor=True)
+        common.params_axis(ax, params)
     common.save(fig, path, TITLE)

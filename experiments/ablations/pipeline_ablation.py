@@ -105,6 +105,13 @@ def save(fig, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def params_axis(ax, params) -> None:
+    """A log x axis labelled at the models' parameter counts."""
+    ax.set(xscale="log", xlabel="parameters")
+    ax.set_xticks(params, [f"{p / 1e6:.2f}M" for p in params], minor=False)
+    ax.set_xticks([], minor=True)
+
+
 def scatter(rows, x: str, ys, path: str, title: str, label: str = "variant") -> None:
     fig, axes = figure(len(ys))
     for ax, y in zip(axes, ys):

@@ -16,7 +16,9 @@ and responses for every variant, so neither sweep changes what is being ranked; 
 differs, and the pairs a labeler sees as tied are dropped: at noise 0 every gold tie, hence fewer pairs); the
 labeler ceiling (two independent labelers at that noise) is measured on the same kind of samples.
 Columns: accuracy vs the (noisy) labels, agreement with the gold scorer, how often the labels themselves agree
-with gold, and the ceiling.
+with gold, and the ceiling. An RM that learns the labelers' shared preference and not their noise can beat the
+two-labeler ceiling on accuracy (it is one noisy labeler away from the truth, not two); its bound is
+labels_gold_agreement, what a gold-perfect RM would score against the labels.
 
   python -m instructgpt_jax.ablate experiments/ablations/rm_noise_size.py --workdir=runs/ablations/rm_noise_size
 """
@@ -58,7 +60,8 @@ def summarize(name, config, workdir):
 
 
 def panel(ax, rows, x: str, **labels) -> None:
-    for key, style in (("accuracy", "o-"), ("gold_agreement", "s-"), ("ceiling", "k--")):
+    for key, style in (("accuracy", "o-"), ("gold_agreement", "s-"), ("labels_gold_agreement", "g:"),
+                       ("ceiling", "k--")):
         ax.plot([r[x] for r in rows], [r[key] for r in rows], style, label=key)
     ax.set(ylabel="held-out pairwise agreement", **labels)
     ax.legend(fontsize=7)
@@ -68,6 +71,7 @@ def plot(rows, path):
     fig, (by_noise, by_size) = common.figure(2)
     panel(by_noise, sorted((r for r in rows if r["model"] == "base"), key=lambda r: r["noise"]), "noise",
           xlabel="labeler noise std", title="base trunk")
-    panel(by_size, sorted((r for r in rows if r["noise"] == tasks.LABELER_NOISE), key=lambda r: r["params"]), "params",
-          xscale="log", xlabel="RM parameters", title=f"noise {tasks.LABELER_NOISE}")
+    by_size_rows = sorted((r for r in rows if r["noise"] == tasks.LABELER_NOISE), key=lambda r: r["params"])
+    panel(by_size, by_size_rows, "params", title=f"noise {tasks.LABELER_NOISE}")
+    common.params_axis(by_size, [r["params"] for r in by_size_rows])
     common.save(fig, path, TITLE)
