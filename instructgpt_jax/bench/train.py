@@ -31,6 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="", help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--matmul-n", type=int, default=2048, help="side of the bracketing matmul")
+    parser.add_argument("--attention", default="auto", help="model.attention.implementation (auto picks per backend)")
+    parser.add_argument("--block", type=int, default=0, help="model.attention.block_size (0: the config's)")
 
 
 def bench_config(args):
@@ -42,7 +44,8 @@ def bench_config(args):
     c.train.seq_len, c.train.batch_size = args.seq, args.batch
     c.model.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     c.model.remat = args.remat
-    c.model.attention.block_size = min(c.model.attention.block_size, args.seq)
+    c.model.attention.implementation = args.attention
+    c.model.attention.block_size = min(args.block or c.model.attention.block_size, args.seq)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     return c
 
@@ -78,6 +81,7 @@ def run(args) -> list[dict]:
     row = {
         "model": c.model.size if args.size else "8L-512", "params_M": gpt.count_params(cfg) / 1e6,
         "batch": c.train.batch_size, "seq": c.train.seq_len, "dtype": c.model.dtype, "remat": c.model.remat,
+        "attention": c.model.attention.implementation, "block": c.model.attention.block_size,
         "step_ms": 1e3 * timing["median_s"], "tokens_per_s": c.train.batch_size * c.train.seq_len / timing["median_s"],
         "achieved_gflops": achieved / 1e9,
         "matmul_gflops_before": before / 1e9, "matmul_gflops_after": after / 1e9,

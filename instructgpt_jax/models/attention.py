@@ -238,7 +238,8 @@ def splash_attention(q, k, v, pattern, params, block_size):
 def choose_implementation(requested: str, pattern: str, q, training: bool, dropout: bool,
                           block_size: int = 128) -> str:
     """"auto": splash on TPU, cuDNN on GPU for banded bf16/fp16 layers, block-sparse for sparse
-    patterns elsewhere, plain XLA for dense on CPU. Decoding and dropout use the reference."""
+    patterns elsewhere and for dense causal layers on CPU when the sequence is at least two tiles (the
+    tiles above the diagonal are skipped), else plain XLA. Decoding and dropout use the reference."""
     if not training or dropout:
         return "reference"
     if requested != "auto":
@@ -249,7 +250,12 @@ def choose_implementation(requested: str, pattern: str, q, training: bool, dropo
     cudnn_ok = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128 and pattern in BANDED
     if backend in ("gpu", "cuda") and cudnn_ok:
         return "cudnn"
-    return "xla" if pattern == "dense" else "block_sparse"
+    if pattern != "dense":
+        return "block_sparse"
+    # Measured on the 2-core CPU (bench train, 8L-512, T=512, interleaved A/B in one process): utilisation
+    # 0.67 with 128-token causal tiles vs 0.59 computing all T^2 scores with XLA.
+    tiles = q.shape[1] // block_size if q.shape[1] % block_size == 0 else 0
+    return "block_sparse" if backend == "cpu" and tiles >= 2 else "xla"
 
 
 def attend(q, k, v, *, pattern="dense", attention_cfg=None, q_pos=None, k_pos=None,
