@@ -91,6 +91,14 @@ def test_gold_comparison_of_correct_against_wrong_answers():
         gold.policy_vs_baseline(prompts, (right, ended), (wrong, ended), policy_rm_scores=rm_right)
 
 
+def test_mean_by_family_averages_each_family_separately():
+    prompts = tasks.sample_prompts(60, "validation", seed=0)
+    scores = [float(tasks.task_family(p) == "sort") for p in prompts]
+    by_family = gold.mean_by_family(prompts, scores)
+    assert by_family["sort"] == 1.0 and all(v == 0.0 for f, v in by_family.items() if f != "sort")
+    assert list(by_family) == [f for f in tasks.FAMILIES if f in by_family]
+
+
 # ------------------------------------------------------------------------------ RM accuracy
 
 

@@ -17,6 +17,13 @@ def gold_scores(prompts, responses, ended) -> np.ndarray:
     return np.array([tasks.gold_score(p, r, e) for p, r, e in zip(prompts, responses, ended, strict=True)])
 
 
+def mean_by_family(prompts: Sequence[str], scores) -> dict[str, float]:
+    """Mean score per task family (in the suite's family order) of task-suite prompts."""
+    families = [tasks.task_family(p) for p in prompts]
+    scores = np.asarray(scores, np.float64)
+    return {f: float(scores[[g == f for g in families]].mean()) for f in tasks.FAMILIES if f in families}
+
+
 def policy_vs_baseline(prompts: Sequence[str], policy: tuple[Sequence[str], Sequence[bool]],
                        baseline: tuple[Sequence[str], Sequence[bool]], *, policy_rm_scores=None,
                        baseline_rm_scores=None, seed: int = 0) -> dict:

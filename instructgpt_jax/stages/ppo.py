@@ -290,7 +290,8 @@ def compare_policies(config, trainer: Trainer, policy_model, named_params: dict,
             s = samples[name, mode] = sample_and_score(trainer, params, ids, temperature, config.seed + 2)
             s["gold"] = gold.gold_scores(prompts, s["texts"], s["ended"])
             row[mode] = {"gold": stats.mean_ci(s["gold"]), "rm_score": stats.mean_ci(s["rm"]),
-                         "kl_to_reference": stats.mean_ci(s["kl"]), "ended": float(np.mean(s["ended"]))}
+                         "kl_to_reference": stats.mean_ci(s["kl"]), "ended": float(np.mean(s["ended"])),
+                         "gold_by_family": gold.mean_by_family(prompts, s["gold"])}
         row["pretrain_loss"] = held_out_lm_loss(trainer, params, p.eval_lm_batches)
         results[name] = row
     base = next(iter(named_params))
