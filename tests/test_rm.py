@@ -16,7 +16,7 @@ from instructgpt_jax.rl import sampling
 from instructgpt_jax.stages import rm
 from instructgpt_jax.train import sharding, steps
 from instructgpt_jax.train.state import make_optimizer
-from test_sft import save_initial_model, stage_config, write_tokenizer
+from test_sft import experiment_config, save_initial_model, stage_config, write_tokenizer
 from test_train import LAYOUTS, assert_same_update, stage_step_on_devices
 
 
@@ -207,3 +207,12 @@ def rm_update_on_one_device(reward_model):
 def test_rm_step_on_8_devices_equals_one_device(rm_update_on_one_device, mesh_shape, parallelism):
     on, one = rm_update_on_one_device
     assert_same_update(one, on(mesh_shape, 8, parallelism=parallelism), keys=("loss", "accuracy", "mean_score"))
+
+
+def test_the_reported_ceiling_follows_the_labelers_noise():
+    c = experiment_config("rm", "size=test")
+    c.rm.ceiling_prompts = 200
+    c.labeler.noise = 0.0
+    assert rm.labeler_ceiling(c) == 1.0  # noise-free labelers always agree
+    c.labeler.noise = 0.6
+    assert rm.labeler_ceiling(c) < 0.7

@@ -161,6 +161,12 @@ def held_out_metrics(config, score_fn, params, tokenizer, built) -> dict:
             "labels_gold_agreement": rate(counts[2])}
 
 
+def labeler_ceiling(config) -> float:
+    """How often two labelers with this config's noise agree: the ceiling reported beside RM accuracy."""
+    return tasks.labeler_agreement(n_prompts=config.rm.ceiling_prompts, k=config.rm.responses_per_prompt,
+                                   noise=config.labeler.noise)
+
+
 def demonstration_sequences(config, tokenizer) -> list[list[int]]:
     """prompt + completion + EOS of the held-out (validation) demonstrations that fit in seq_len."""
     built = sources.build_jsonl_source("demonstrations", config.data)
@@ -242,8 +248,7 @@ def run(config, workdir: str):
                      source=config.data.demonstrations.path)
     metrics = held_out_metrics(config, score_fn, state.params, tokenizer, built)
     metrics.update(bias=bias, demonstrations_mean_after_bias=float((demo_scores - bias).mean()),
-                   labeler_agreement_ceiling=tasks.labeler_agreement(n_prompts=config.rm.ceiling_prompts,
-                                                                     k=config.rm.responses_per_prompt))
+                   labeler_agreement_ceiling=labeler_ceiling(config))
     common.save_json(os.path.join(workdir, EVAL_FILE), metrics)
     writer.write(int(state.step), metrics, "held_out", echo=False)
     common.log(f"rm: held-out pairwise accuracy {metrics['accuracy']:.3f} over {metrics['pairs']} pairs; "
