@@ -73,7 +73,8 @@ def get_config(arg=None):
                      eval_prompts={"test": 16, "tiny": 512, "mini": 512}[arg.size], eval_lm_batches=4,
                      log_every=5, checkpoint_every={"test": 1, "tiny": 20, "mini": 25}[arg.size])
         c.optim.lr = 5e-5
-    c.value_optim.lr = c.optim.get_ref("lr")
+    # A copy, not a reference: with a FieldReference, overriding value_optim.lr would set the policy's lr too.
+    c.value_optim.lr = c.optim.lr
     # A constant learning rate (no warmup, no decay): PPO's steps are not known before the run.
     c.optim.warmup_steps, c.optim.final_lr_ratio = 0, 1.0
     c.value_optim.final_lr_ratio = 1.0

@@ -55,3 +55,11 @@ def test_other_impossible_values():
         c[section][name] = value
         with pytest.raises(ConfigError, match=match):
             configs.validate(c)
+
+
+def test_ppo_value_lr_override_leaves_the_policy_lr_alone():
+    c = configs.experiment_config("ppo", "size=tiny,variant=ppo")
+    policy_lr = c.optim.lr
+    assert c.value_optim.lr == policy_lr  # the default: the same value
+    c.value_optim.lr = 10 * policy_lr
+    assert c.optim.lr == policy_lr and c.value_optim.lr == 10 * policy_lr
