@@ -192,11 +192,12 @@ def test_decode_path_equals_training_rows(pattern):
 # ---------------------------------------------------------------- implementations and their choice
 
 def test_auto_on_cpu_uses_causal_tiles_for_dense_when_they_fit_and_block_sparse_for_sparse():
-    q = jnp.zeros((1, 16, 2, 8))
+    q = jnp.zeros((1, 256, 2, 8))
     choose = attention.choose_implementation
-    assert choose("auto", "dense", q, training=True, dropout=False, block_size=8) == "block_sparse"
-    assert choose("auto", "dense", q, training=True, dropout=False, block_size=16) == "xla"  # one tile: nothing to skip
-    assert choose("auto", "dense", q, training=True, dropout=False, block_size=32) == "xla"  # T not a multiple
+    assert choose("auto", "dense", q, training=True, dropout=False, block_size=128) == "block_sparse"
+    assert choose("auto", "dense", q, training=True, dropout=False, block_size=256) == "xla"  # one tile: nothing to skip
+    assert choose("auto", "dense", q, training=True, dropout=False, block_size=96) == "xla"  # T not a multiple
+    assert choose("auto", "dense", q, training=True, dropout=False, block_size=16) == "xla"  # tiles too small to pay
     assert choose("auto", "local", q, training=True, dropout=False) == "block_sparse"
     assert choose("auto", "local", q, training=False, dropout=False) == "reference"
     assert choose("block_sparse", "local", q, training=True, dropout=True) == "reference"

@@ -12,7 +12,7 @@ import numpy as np
 
 from instructgpt_jax import configs
 from instructgpt_jax.bench import common
-from instructgpt_jax.models import gpt
+from instructgpt_jax.models import attention, gpt
 from instructgpt_jax.train import sharding, steps
 from instructgpt_jax.train.state import make_optimizer
 
@@ -45,7 +45,8 @@ def bench_config(args):
     c.model.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     c.model.remat = args.remat
     c.model.attention.implementation = args.attention
-    c.model.attention.block_size = min(args.block or c.model.attention.block_size, args.seq)
+    default_block = c.model.attention.block_size if args.size else attention.default_config().block_size
+    c.model.attention.block_size = min(args.block or default_block, args.seq)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     return c
 
