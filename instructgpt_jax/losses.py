@@ -27,20 +27,23 @@ def lm_loss(logits, targets):
     return -token_logprobs(logits, targets).mean()
 
 
+def sft_loss_terms(logits, targets, loss_mask) -> dict:
+    """The pieces of the SFT loss: mean cross-entropy and token count of the response targets (loss_mask [B, T]:
+    the response and its EOS) and of the prompt targets (the positions before the first response target)."""
+    nll = -token_logprobs(logits, targets)  # once for both means
+    prompt_mask = jnp.cumsum(loss_mask, axis=-1) == 0
+    return dict(response_loss=masked_mean(nll, loss_mask), response_tokens=loss_mask.astype(jnp.float32).sum(),
+                prompt_loss=masked_mean(nll, prompt_mask), prompt_tokens=prompt_mask.astype(jnp.float32).sum())
+
+
 def sft_loss(logits, targets, loss_mask, prompt_loss_weight=0.0):
     """Supervised fine-tuning loss: cross-entropy on response tokens (+ λ · LM loss on the prompt).
 
-    loss_mask [B, T] marks the response targets (and the EOS); the prompt targets are the positions
-    before the first response target. λ = prompt_loss_weight is GPT-1's auxiliary LM weight (Radford
-    et al. 2018, eq. 5: L3 = L2 + λ·L1); InstructGPT trains on the response only (λ = 0).
-    Returns (loss, response loss, number of response tokens).
+    λ = prompt_loss_weight is GPT-1's auxiliary LM weight (Radford et al. 2018, eq. 5: L3 = L2 + λ·L1);
+    InstructGPT trains on the response only (λ = 0). Returns (loss, response loss, number of response tokens).
     """
-    response_loss, n_response = masked_lm_loss(logits, targets, loss_mask)
-    if not prompt_loss_weight:
-        return response_loss, response_loss, n_response
-    prompt_mask = jnp.cumsum(loss_mask, axis=-1) == 0
-    prompt_loss, _ = masked_lm_loss(logits, targets, prompt_mask)
-    return response_loss + prompt_loss_weight * prompt_loss, response_loss, n_response
+    t = sft_loss_terms(logits, targets, loss_mask)
+    return t["response_loss"] + prompt_loss_weight * t["prompt_loss"], t["response_loss"], t["response_tokens"]
 
 
 def _ordered_pairs(num_responses, k_max):

@@ -126,15 +126,14 @@ def sft_loss(model: gpt.GPT, prompt_loss_weight: float = 0.0, pretrain_mix: floa
 
     def loss_fn(params, batch, rng):
         sft_rng, lm_rng = (None, None) if rng is None else jax.random.split(rng)
-        tokens, mask = batch["tokens"], batch["loss_mask"]
-        logits = forward(params, tokens, sft_rng)
-        loss, response_loss, n_tokens = losses.sft_loss(logits, tokens[:, 1:], mask, prompt_loss_weight)
-        metrics = {"response_loss": response_loss, "response_tokens": n_tokens}
+        tokens = batch["tokens"]
+        t = losses.sft_loss_terms(forward(params, tokens, sft_rng), tokens[:, 1:], batch["loss_mask"])
+        loss = t["response_loss"] + prompt_loss_weight * t["prompt_loss"]  # losses.sft_loss
+        metrics = {"response_loss": t["response_loss"], "response_tokens": t["response_tokens"]}
         # pmap: the response loss is a mean over response tokens, the prompt loss over prompt tokens.
-        weights, terms = {"loss": n_tokens, "response_tokens": pmap.TOTAL}, {"response_loss": 1.0}
+        weights, terms = {"loss": t["response_tokens"], "response_tokens": pmap.TOTAL}, {"response_loss": 1.0}
         if prompt_loss_weight:
-            prompt = jnp.cumsum(mask, axis=-1) == 0  # the prompt targets, as in losses.sft_loss
-            metrics["prompt_loss"], weights["prompt_loss"] = losses.masked_lm_loss(logits, tokens[:, 1:], prompt)
+            metrics["prompt_loss"], weights["prompt_loss"] = t["prompt_loss"], t["prompt_tokens"]
             terms["prompt_loss"] = prompt_loss_weight
         if pretrain_mix:
             lm = losses.lm_loss(forward(params, batch["pretrain_tokens"], lm_rng), batch["pretrain_tokens"][:, 1:])
