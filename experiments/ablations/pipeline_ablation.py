@@ -1,7 +1,6 @@
 """Shared by the pipeline ablations: a pipeline config whose early stages are run once (WORKDIR/shared) and
 shared by every variant, models of other sizes for the size ablations, and rows / plots read from a
 variant's results.json."""
-import json
 import os
 
 from instructgpt_jax import configs
@@ -63,9 +62,15 @@ def parameters(c) -> int:
     return gpt.count_params(gpt.GPTConfig.from_config(c.stages.pretrain.model))
 
 
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str) -> dict:
+    """A file a finished variant's stages wrote (stages.common.read_json), which must exist."""
+    from instructgpt_jax.errors import DataError
+    from instructgpt_jax.stages import common
+
+    record = common.read_json(path)
+    if record is None:
+        raise DataError(f"{path}: missing; did the variant's stages finish?")
+    return record
 
 
 def read_results(workdir: str) -> dict:

@@ -267,8 +267,9 @@ def select_epoch(config, checkpointer, abstract_state, per_epoch: int, criteria:
     """Evaluates every epoch's checkpoint and makes the best one the workdir's latest checkpoint.
 
     criteria: name -> fn(params) -> float; "reward" (higher is better) decides when present, else
-    "validation_loss" (lower is better); others (the gold score) are only recorded in each epoch's row. When the best is not the last epoch, its state is saved again
-    as step last + 1, so load_params(workdir) returns the selected model."""
+    "validation_loss" (lower is better); others (the gold score) are only recorded in each epoch's row.
+    When the best is not the last epoch, its state is saved again as step last + 1, so load_params(workdir)
+    returns the selected model."""
     epochs = []
     for epoch in range(1, config.sft.epochs + 1):
         state, _ = checkpointer.restore(abstract_state, epoch * per_epoch)
