@@ -25,3 +25,11 @@ def test_benchmark_prints_a_table_and_writes_json(name, tmp_path, capsys):
         assert rows[0]["episodes_per_s"] > 0 and rows[0]["recompilations"] == 0
         assert rows[0]["generate_s"] > 0 and rows[0]["update_s"] > 0
     assert name in capsys.readouterr().out
+
+
+def test_impossible_attention_settings_are_one_error_line(capsys):
+    assert bench.main(["train", "--attention", "block_sparse", "--block", "100", "--seq", "512"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: model.attention.block_size=100 must divide the sequence "
+                                                "length 512 (layers 'dense')")
+    with pytest.raises(SystemExit):  # argparse: exit status 2 with its own one-line message
+        bench.main(["train", "--attention", "flash"])

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from instructgpt_jax.bench import common
+from instructgpt_jax.errors import UserError, report
 
 BENCHMARKS = ("attention", "train", "decode", "ppo")
 
@@ -41,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return run(parser, args)
+    except UserError as e:  # an impossible shape or setting: one line, no traceback
+        return report(e)
+
+
+def run(parser, args) -> int:
     if args.benchmark != "all":
         rows = importlib.import_module(f"instructgpt_jax.bench.{args.benchmark}").run(args)
         if args.json:

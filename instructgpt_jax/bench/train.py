@@ -7,6 +7,8 @@ is also reported against the datasheet peak when the device is a known GPU/TPU.
 """
 from __future__ import annotations
 
+import argparse
+
 import jax
 import numpy as np
 
@@ -24,6 +26,13 @@ DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e
 DEFAULT_SHAPE = dict(n_layers=8, d_model=512, n_heads=8, d_head=64, vocab_size=8192, max_len=512)
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="", help="a configs size name instead of the default 8L/512 shape")
     parser.add_argument("--batch", type=int, default=8)
@@ -31,8 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="", help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--matmul-n", type=int, default=2048, help="side of the bracketing matmul")
-    parser.add_argument("--attention", default="auto", help="model.attention.implementation (auto picks per backend)")
-    parser.add_argument("--block", type=int, default=0, help="model.attention.block_size (0: the config's)")
+    parser.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS,
+                        help="model.attention.implementation (auto picks per backend)")
+    parser.add_argument("--block", type=non_negative_int, default=0, help="model.attention.block_size (0: the config's)")
 
 
 def bench_config(args):
@@ -48,6 +58,7 @@ def bench_config(args):
     default_block = c.model.attention.block_size if args.size else attention.default_config().block_size
     c.model.attention.block_size = min(args.block or default_block, args.seq)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    attention.validate(c.model.attention, args.seq, c.model.n_heads)
     return c
 
 
