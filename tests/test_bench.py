@@ -33,3 +33,8 @@ def test_impossible_attention_settings_are_one_error_line(capsys):
                                                 "length 512 (layers 'dense')")
     with pytest.raises(SystemExit):  # argparse: exit status 2 with its own one-line message
         bench.main(["train", "--attention", "flash"])
+
+
+def test_train_profile_writes_a_trace(tmp_path):
+    assert bench.main(["train", "--repeats", "1", *CASES["train"], "--profile", str(tmp_path / "trace")]) == 0
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))

@@ -42,6 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--matmul-n", type=int, default=2048, help="side of the bracketing matmul")
     parser.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS,
                         help="model.attention.implementation (auto picks per backend)")
+    parser.add_argument("--profile", default="", help="also trace one more step with jax.profiler into this "
+                        "directory (open it in TensorBoard's profile plugin or Perfetto)")
     parser.add_argument("--block", type=non_negative_int, default=0, help="model.attention.block_size (0: the config's)")
 
 
@@ -85,6 +87,9 @@ def run(args) -> list[dict]:
     before = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
     timing = common.time_call(one_step, repeats=args.repeats, warmup=2)
     after = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
+    if args.profile:  # outside the timed calls: tracing slows the step
+        with jax.profiler.trace(args.profile):
+            jax.block_until_ready(one_step())
 
     cfg = gpt.GPTConfig.from_config(c.model)
     flops = c.train.batch_size * c.train.seq_len * gpt.train_flops_per_token(cfg, c.train.seq_len)
