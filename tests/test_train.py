@@ -299,3 +299,22 @@ def test_pmap_dry_run_lowers_for_more_devices_than_present():
     c.mesh.data, c.train.batch_size = 16, 16
     plan = pretrain.run(c, "/nonexistent/never/created")
     assert plan["mesh"] == {"data": 16, "fsdp": 1, "tensor": 1} and plan["lower_s"] > 0
+
+
+def test_load_params_reads_one_subtree_of_a_checkpoint(tmp_path):
+    """A PPO checkpoint's policy alone (its params also hold the value model): what the pipeline evaluates
+    when ppo.ema_decay = 0."""
+    from instructgpt_jax.errors import CheckpointError
+    from instructgpt_jax.train.state import TrainState
+
+    params = {"policy": {"w": jnp.arange(3.0)}, "value": {"v": jnp.ones((2, 2))}}
+    ck = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ck.save(1, TrainState(step=jnp.int32(1), params=params, opt_state={}, rng=jax.random.PRNGKey(0)))
+    ck.close()
+    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=on_device)}
+    np.testing.assert_array_equal(checkpoint.load_params(str(tmp_path), abstract, subtree="policy")["w"], [0, 1, 2])
+    with pytest.raises(CheckpointError, match="not in this model"):
+        checkpoint.load_params(str(tmp_path), {"policy": abstract})  # the value model is there too
+    with pytest.raises(CheckpointError, match="has no 'critic'"):
+        checkpoint.load_params(str(tmp_path), abstract, subtree="critic")

@@ -98,7 +98,7 @@ def load_policies(config, workdir: str, abstract_policy) -> dict:
     def final_policy(stage: str):
         if config.stages[stage].ppo.ema_decay:
             return load(stage, "ema_params")
-        return checkpoint.load_params(os.path.join(workdir, stage), {"policy": abstract_policy})["policy"]
+        return checkpoint.load_params(os.path.join(workdir, stage), abstract_policy, subtree="policy")
 
     loaders = {"sft": lambda: load("sft"), "pretrained": lambda: load("pretrain"),
                "ppo": lambda: final_policy("ppo"), "ppo_ptx": lambda: final_policy("ppo_ptx")}

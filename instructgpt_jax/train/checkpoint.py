@@ -174,8 +174,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_params(workdir: str, abstract_params: Any, key: str = "params") -> Any:
-    """The `params` (or `ema_params`) of the latest checkpoint in another stage's workdir."""
+def load_params(workdir: str, abstract_params: Any, key: str = "params", subtree: str = "") -> Any:
+    """The `params` (or `ema_params`) of the latest checkpoint in another stage's workdir; with `subtree`,
+    only that part of them (a PPO checkpoint's "policy" beside its "value")."""
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint directory {directory} (has the earlier stage run?)")
@@ -186,34 +187,39 @@ def load_params(workdir: str, abstract_params: Any, key: str = "params") -> Any:
         manager.close()
         raise CheckpointError(f"no finished checkpoint in {directory} (has the earlier stage run?)")
     try:
-        mismatch = _shape_mismatch(os.path.join(directory, str(step), "state"), abstract_params, key)
+        mismatch = _shape_mismatch(os.path.join(directory, str(step), "state"), abstract_params, key, subtree)
     except RESTORE_ERRORS as e:
         manager.close()
         raise CheckpointError(f"cannot load {key} from {directory}/{step}: the checkpoint is corrupt: {first_line(e)}") from e
     if mismatch:
         manager.close()
         raise CheckpointError(f"cannot load {key} from {directory}/{step}: model shapes differ from this config's: {mismatch}")
+    wanted = {subtree: abstract_params} if subtree else abstract_params
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-                                abstract_params)
+                                wanted)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={key: abstract_params}, restore_args={key: restore_args}, partial_restore=True)))
+            item={key: wanted}, restore_args={key: restore_args}, partial_restore=True)))
     except RESTORE_ERRORS as e:
         raise CheckpointError(
             f"cannot load {key} from {directory}/{step}: model shapes differ or the checkpoint is corrupt: "
             f"{first_line(e)}") from e
     finally:
         manager.close()
-    return restored.state[key]
+    return restored.state[key][subtree] if subtree else restored.state[key]
 
 
-def _shape_mismatch(state_dir: str, abstract_params: Any, key: str) -> str:
-    """'' when the checkpoint's `key` subtree has exactly abstract_params' paths and shapes, else what differs."""
+def _shape_mismatch(state_dir: str, abstract_params: Any, key: str, subtree: str = "") -> str:
+    """'' when the checkpoint's `key` (`key`/`subtree`) has exactly abstract_params' paths and shapes, else
+    what differs."""
     metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     if key not in tree:
         return f"the checkpoint has no {key!r} (it has {sorted(tree)})"
+    if subtree and subtree not in tree[key]:
+        return f"the checkpoint's {key!r} has no {subtree!r} (it has {sorted(tree[key])})"
+    tree = {key: tree[key][subtree]} if subtree else tree
     flat = lambda t: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}  # noqa: E731
     saved, wanted = flat(tree[key]), flat(abstract_params)
     problems = []
