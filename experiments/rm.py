@@ -28,6 +28,10 @@ def get_config(arg=None):
         responses_per_prompt=4,
         temperature=1.0,
         ceiling_prompts=2000,  # prompts for tasks.labeler_agreement, the ceiling reported beside accuracy
+        # Best-of-k of sample_policy picked by the trained RM, scored by gold (eval/best_of_n.py): what the RM
+        # can give a policy at KL <= log k - (k-1)/k, before PPO. Task-suite validation prompts; 0 = skip.
+        best_of_n=(1, 2, 4, 8),
+        best_of_n_prompts=512,
     )
     # App. C.2: lr 9e-6 for the 6B RM, cosine decay to 10%, batch 64 prompts (with all their K responses).
     c.train.batch_size = 64
@@ -46,6 +50,7 @@ def get_config(arg=None):
         c.generation.max_new_tokens = 16
         c.rm.max_responses = 4
         c.rm.num_prompts = {"test": 64, "tiny": 4096, "mini": 20000}[arg.size]
+        c.rm.best_of_n_prompts = {"test": 8, "tiny": 512, "mini": 512}[arg.size]
         c.rm.epochs = arg.epochs or {"test": 1, "tiny": 6, "mini": 2}[arg.size]
         c.optim.warmup_steps = {"test": 0, "tiny": 30, "mini": 50}[arg.size]
         c.train.batch_size = {"test": 8, "tiny": 32, "mini": 32}[arg.size]

@@ -11,7 +11,7 @@ import pytest
 from instructgpt_jax import configs
 from instructgpt_jax.data import tasks, tokenizer as tokenizer_lib
 from instructgpt_jax.errors import ConfigError
-from instructgpt_jax.eval import few_shot, gold, perplexity, rm_accuracy, samples, stats
+from instructgpt_jax.eval import best_of_n, few_shot, gold, perplexity, rm_accuracy, samples, stats
 from instructgpt_jax.models import gpt
 from instructgpt_jax.rl import sampling
 from instructgpt_jax.train import sharding
@@ -228,3 +228,32 @@ def test_sample_table_keeps_each_sample_on_its_row(tmp_path):
     assert (tmp_path / "s.md").read_text().startswith("# PPO samples\n\n| # | prompt | ppo |")
     with pytest.raises(ValueError, match="'ppo' has 1 rows"):
         samples.sample_table(["p", "q"], {"ppo": ["r"]})
+
+
+# ------------------------------------------------------------------------------ best-of-n
+
+
+def test_best_of_k_takes_the_gold_of_the_highest_scored_among_the_first_k():
+    scores = np.array([[0.0, 2.0, 1.0, 5.0],
+                       [3.0, 1.0, 3.0, 0.0]])  # prompt 2: a tie goes to the earlier response
+    gold = np.array([[0.1, 0.2, 0.3, 0.4],
+                     [0.5, 0.6, 0.7, 0.8]])
+    rows = best_of_n.best_of_n_curve(scores, gold, (1, 2, 4))
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    assert [r["gold"] for r in rows] == pytest.approx([(0.1 + 0.5) / 2, (0.2 + 0.5) / 2, (0.4 + 0.5) / 2])
+    assert [r["oracle"] for r in rows] == pytest.approx([0.3, 0.4, 0.6])
+    assert rows[0]["kl_bound"] == 0.0 and rows[2]["kl_bound"] == pytest.approx(np.log(4) - 0.75)
+    with pytest.raises(ValueError, match="best-of-5"):
+        best_of_n.best_of_n_curve(scores, gold, (5,))
+    with pytest.raises(ValueError, match="prompts, samples"):
+        best_of_n.best_of_n_curve(scores, gold[:, :3], (1,))
+
+
+def test_best_of_k_by_a_useful_reward_model_rises_and_by_noise_stays_flat():
+    rng = np.random.default_rng(0)
+    gold = rng.random((4000, 8))
+    useful = best_of_n.best_of_n_curve(gold + 0.3 * rng.standard_normal(gold.shape), gold, (1, 2, 4, 8))
+    noise = best_of_n.best_of_n_curve(rng.standard_normal(gold.shape), gold, (1, 2, 4, 8))
+    assert [r["gold"] for r in useful] == sorted(r["gold"] for r in useful) and useful[-1]["gold"] > 0.7
+    assert all(abs(r["gold"] - 0.5) < 0.02 for r in noise)
+    assert all(u["gold"] < u["oracle"] for u in useful[1:])

@@ -135,6 +135,8 @@ def test_head_starts_with_std_one_over_sqrt_d_model_plus_one():
     ("max_responses", 1, "rm.max_responses=1"),
     ("responses_per_prompt", 5, "rm.responses_per_prompt=5"),
     ("samples", "humans", "rm.samples='humans'"),
+    ("best_of_n", (0, 2), r"rm.best_of_n_prompts=8 .* rm.best_of_n=\(0, 2\)"),
+    ("best_of_n_prompts", -1, "rm.best_of_n_prompts=-1"),
 ])
 def test_bad_rm_config_names_the_key(env, key, value, message):
     c = stage_config("rm", *env)
@@ -170,6 +172,11 @@ def test_stage_writes_checkpoint_bias_and_held_out_metrics(rm_run):
     assert written["demonstrations_mean_after_bias"] == pytest.approx(0.0, abs=1e-5)
     first = json.loads(open(c.data.comparisons.path).readline())
     assert len(first["responses"]) == len(first["ended"]) >= 2  # sampled, ranked, with ended flags
+    best_of = written["best_of_n"]
+    assert best_of["prompts"] == c.rm.best_of_n_prompts == 8
+    assert [r["k"] for r in best_of["curve"]] == list(c.rm.best_of_n)
+    assert all(0.0 <= r["gold"] <= r["oracle"] <= 1.0 for r in best_of["curve"])
+    assert best_of["curve"][0]["gold"] == best_of["curve"][0]["oracle"]  # best-of-1 is the sample itself
 
 
 def test_loaded_reward_model_scores_held_out_demonstrations_zero_on_average(rm_run):

@@ -23,6 +23,8 @@ import numpy as np
 
 from instructgpt_jax.data import pipeline, sources, tasks
 from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.eval.best_of_n import best_of_n_curve, format_curve
+from instructgpt_jax.eval.gold import gold_scores
 from instructgpt_jax.eval.rm_accuracy import pair_agreement, score_sequences
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.stages import common, sft
@@ -44,6 +46,11 @@ def validate_rm_config(config) -> None:
         raise ConfigError(f"rm.samples={r.samples!r}: expected one of {SAMPLE_KINDS}")
     if r.epochs <= 0 or r.num_prompts <= 0:
         raise ConfigError(f"rm.epochs={r.epochs} and rm.num_prompts={r.num_prompts}: must be positive")
+    if r.best_of_n_prompts < 0 or (r.best_of_n_prompts and (not r.best_of_n or min(r.best_of_n) < 1)):
+        raise ConfigError(f"rm.best_of_n_prompts={r.best_of_n_prompts} (0 = off) with rm.best_of_n={tuple(r.best_of_n)}: "
+                          "needs prompts >= 0 and sample counts k >= 1")
+    if r.best_of_n_prompts and not r.sample_policy:
+        raise ConfigError("rm.best_of_n_prompts > 0 samples the policy in rm.sample_policy; none given")
     if not config.init.params:
         raise ConfigError("init.params: the reward model starts from an SFT (or pretrained) workdir; none given")
 
@@ -68,8 +75,8 @@ def simulated_samples(prompts, k: int, seed: int):
         yield [tasks.COMPLETION_PREFIX + a for a in answers], ended
 
 
-def policy_samples(config, mesh, tokenizer, policy_dir: str, prompts, k: int):
-    """K responses per prompt sampled from the policy in policy_dir at rm.temperature (KV-cache sampler)."""
+def policy_sampler(config, mesh, tokenizer, policy_dir: str):
+    """(KV-cache sampler, params) of the policy in policy_dir, for generation.max_new_tokens new tokens."""
     from instructgpt_jax.rl import sampling
 
     model = steps.build_model(config)
@@ -79,6 +86,12 @@ def policy_samples(config, mesh, tokenizer, policy_dir: str, prompts, k: int):
     params = checkpoint.load_params(policy_dir, abstract)
     sampler = sampling.make_sampler(config, model, mesh, max_new_tokens=config.generation.max_new_tokens,
                                     params_shardings=shardings, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return sampler, params
+
+
+def policy_samples(config, mesh, tokenizer, policy_dir: str, prompts, k: int):
+    """K responses per prompt sampled from the policy in policy_dir at rm.temperature (KV-cache sampler)."""
+    sampler, params = policy_sampler(config, mesh, tokenizer, policy_dir)
     ids = [tokenizer.encode(p) for p in prompts for _ in range(k)]
     texts, ended = sft.sample_texts(sampler, params, tokenizer, ids, jax.random.PRNGKey(config.labeler.seed + 7),
                                     config.rm.temperature, config)
@@ -175,6 +188,27 @@ def demonstration_sequences(config, tokenizer) -> list[list[int]]:
     return [s for s in sequences if len(s) <= config.train.seq_len]
 
 
+def best_of_n_evaluation(config, mesh, tokenizer, reward_fn: heads.RewardFunction, policy_dir: str) -> dict:
+    """Best-of-k gold on held-out task prompts: n = max(rm.best_of_n) samples per prompt from the policy
+    whose samples were ranked (at rm.temperature), picked by this reward model (eval/best_of_n.py)."""
+    from instructgpt_jax.rl import sampling
+
+    ks, n_prompts = tuple(config.rm.best_of_n), config.rm.best_of_n_prompts
+    prompts = tasks.sample_prompts(n_prompts, "validation", config.seed)
+    sampler, params = policy_sampler(config, mesh, tokenizer, policy_dir)
+    ids = sft.task_prompt_ids(tokenizer, prompts)
+    scores, gold = np.zeros((n_prompts, max(ks))), np.zeros((n_prompts, max(ks)))
+    for j in range(max(ks)):
+        rng, texts, ended = jax.random.PRNGKey(config.seed + 1000 + j), [], []
+        for start, count, mask, output in sft.generate(sampler, params, ids, rng, config.rm.temperature, config):
+            scores[start:start + count, j] = sft.reward_of_samples(reward_fn, mask, output)[:count]
+            t, e = sampling.decode_responses(tokenizer, output)
+            texts += t[:count]
+            ended += e[:count]
+        gold[:, j] = gold_scores(prompts, texts, ended)
+    return {"prompts": n_prompts, "policy": policy_dir, "curve": best_of_n_curve(scores, gold, ks)}
+
+
 # ------------------------------------------------------------------------------ the stage
 
 
@@ -199,7 +233,7 @@ def run(config, workdir: str):
                               abstract_batch(config))
     sft.use_default_demonstrations(config)  # the demonstrations whose mean score the bias zeroes
     init_path = sft.require_checkpoint(sft.resolve_stage_path(config.init.params, workdir), "init.params")
-    if config.rm.samples == "policy" and not config.data.comparisons.path:
+    if (config.rm.samples == "policy" and not config.data.comparisons.path) or config.rm.best_of_n_prompts:
         sft.require_checkpoint(sft.resolve_stage_path(config.rm.sample_policy, workdir), "rm.sample_policy")
     workdir, mesh, writer, checkpointer = common.setup(config, workdir)
     tokenizer = common.load_tokenizer(config)
@@ -249,8 +283,17 @@ def run(config, workdir: str):
     metrics = held_out_metrics(config, score_fn, state.params, tokenizer, built)
     metrics.update(bias=bias, demonstrations_mean_after_bias=float((demo_scores - bias).mean()),
                    labeler_agreement_ceiling=labeler_ceiling(config))
+    if config.rm.best_of_n_prompts:
+        policy_dir = sft.resolve_stage_path(config.rm.sample_policy, workdir)
+        reward_fn = heads.RewardFunction(model=model, params=state.params, bias=bias)
+        metrics["best_of_n"] = best_of_n_evaluation(config, mesh, tokenizer, reward_fn, policy_dir)
+        common.log(f"rm: best-of-k gold of {policy_dir} on {config.rm.best_of_n_prompts} held-out prompts, "
+                   f"picked by this RM: {format_curve(metrics['best_of_n']['curve'])}")
     common.save_json(os.path.join(workdir, EVAL_FILE), metrics)
-    writer.write(int(state.step), metrics, "held_out", echo=False)
+    scalars = {k: v for k, v in metrics.items() if k != "best_of_n"}
+    for row in metrics.get("best_of_n", {}).get("curve", []):
+        scalars[f"best_of_{row['k']}_gold"] = row["gold"]
+    writer.write(int(state.step), scalars, "held_out", echo=False)
     common.log(f"rm: held-out pairwise accuracy {metrics['accuracy']:.3f} over {metrics['pairs']} pairs; "
                f"agreement with gold {metrics['gold_agreement']:.3f} ({metrics['gold_pairs']} non-tied pairs; "
                f"the labels themselves {metrics['labels_gold_agreement']:.3f}); two labelers agree on "
