@@ -218,7 +218,8 @@ def test_ppo_step_moves_policy_value_and_a_slower_ema(single_device_update, mode
     changed = lambda a, b: any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa
     assert changed(state.params["policy"], policy_params) and changed(state.params["value"], value_params)
     delta = lambda a: sum(float(np.abs(x - y).sum()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(policy_params)))  # noqa
-    assert 0 < delta(state.ema_params) < 0.05 * delta(state.params["policy"])  # EMA 0.992 over 2 steps
+    # The debiased EMA of two iterates lies between them: further from the start than the first, not the second.
+    assert 0.3 * delta(state.params["policy"]) < delta(state.ema_params) < delta(state.params["policy"])
     assert 0 < float(metrics["clip_fraction"]) <= 1 and float(metrics["ptx_loss"]) > 0
 
 

@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from instructgpt_jax import configs
@@ -318,3 +319,20 @@ def test_load_params_reads_one_subtree_of_a_checkpoint(tmp_path):
         checkpoint.load_params(str(tmp_path), {"policy": abstract})  # the value model is there too
     with pytest.raises(CheckpointError, match="has no 'critic'"):
         checkpoint.load_params(str(tmp_path), abstract, subtree="critic")
+
+
+def test_ema_is_optax_debiased_average_of_the_iterates():
+    """apply_update's incremental EMA equals optax.ema(debias=True) of the parameters after each update."""
+    from instructgpt_jax.train.state import TrainState
+
+    decay, tx = 0.9, optax.sgd(1.0)
+    params = {"w": jnp.zeros(3)}
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                       ema_params=params)
+    reference = optax.ema(decay, debias=True)
+    ref_state = reference.init(params)
+    for g in ([1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [-3.0, 1.0, 1.0]):
+        state, _ = steps.apply_update(state, {"w": -jnp.asarray(g)}, tx, ema_decay=decay)
+        expected, ref_state = reference.update(state.params, ref_state)
+        np.testing.assert_allclose(state.ema_params["w"], expected["w"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(steps.ema_step_size(decay, 1), 1.0, rtol=1e-6)

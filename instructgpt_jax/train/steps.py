@@ -38,10 +38,18 @@ def init_state_fn(model: gpt.GPT, tx: optax.GradientTransformation, seq_len: int
     return init
 
 
+def ema_step_size(decay: float, count):
+    """Step size of the incremental debiased EMA: with ê_t = ê_{t-1} + s_t (θ_t − ê_{t-1}) and
+    s_t = (1 − d) / (1 − d^t), ê_t equals optax.ema's debiased average of θ_1..θ_t (ê_1 = θ_1)."""
+    return (1.0 - decay) / (1.0 - decay ** jnp.asarray(count, jnp.float32))
+
+
 def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema_decay: float | None = None,
                  ema_of=lambda params: params, loss=0.0):
     """One optimizer update; a non-finite loss or gradient leaves params and optimizer state unchanged.
-    With ema_decay, state.ema_params tracks ema_of(params) (e.g. only the policy of a PPO state)."""
+    With ema_decay, state.ema_params tracks ema_of(params) (e.g. only the policy of a PPO state): a debiased
+    EMA of the iterates, as optax.ema(debias=True), so that after a short run it is not partly the initial
+    weights (0.992 leaves 28% on them after 160 updates)."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -50,7 +58,7 @@ def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ema
     params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
     ema = state.ema_params
     if ema is not None and ema_decay is not None:
-        ema = optax.incremental_update(ema_of(params), ema, step_size=1.0 - ema_decay)
+        ema = optax.incremental_update(ema_of(params), ema, step_size=ema_step_size(ema_decay, state.step + 1))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
     return new_state, {"grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
