@@ -1,6 +1,8 @@
 """Losses: pure functions of arrays (no modules, no configs), each checkable against its paper equation."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,11 +29,22 @@ def lm_loss(logits, targets):
     return -token_logprobs(logits, targets).mean()
 
 
+def prompt_target_mask(loss_mask):
+    """The prompt targets of an SFT row: the positions before the first response target (loss_mask [B, T])."""
+    return jnp.cumsum(loss_mask, axis=-1) == 0
+
+
+def mean_weights(mask):
+    """Weights w with Σ w·x = the mean of x over mask (masked_mean as a fixed weighting)."""
+    mask = mask.astype(jnp.float32)
+    return mask / jnp.maximum(mask.sum(), 1.0)
+
+
 def sft_loss_terms(logits, targets, loss_mask) -> dict:
     """The pieces of the SFT loss: mean cross-entropy and token count of the response targets (loss_mask [B, T]:
     the response and its EOS) and of the prompt targets (the positions before the first response target)."""
     nll = -token_logprobs(logits, targets)  # once for both means
-    prompt_mask = jnp.cumsum(loss_mask, axis=-1) == 0
+    prompt_mask = prompt_target_mask(loss_mask)
     return dict(response_loss=masked_mean(nll, loss_mask), response_tokens=loss_mask.astype(jnp.float32).sum(),
                 prompt_loss=masked_mean(nll, prompt_mask), prompt_tokens=prompt_mask.astype(jnp.float32).sum())
 
@@ -44,6 +57,117 @@ def sft_loss(logits, targets, loss_mask, prompt_loss_weight=0.0):
     """
     t = sft_loss_terms(logits, targets, loss_mask)
     return t["response_loss"] + prompt_loss_weight * t["prompt_loss"], t["response_loss"], t["response_tokens"]
+
+
+# ------------------------------------------------------------------------------ chunked LM head
+
+
+def chunked_lm_head_losses(hidden, embedding, targets, weights, vocab_size: int, chunk: int):
+    """Weighted sums of next-token NLL through a tied LM head, `chunk` tokens at a time:
+
+        losses[k] = Σ_t weights[k, t] · (−log softmax(hidden_t · embeddingᵀ)[targets_t])
+
+    hidden [..., d] (the compute dtype), embedding [V_padded, d] (rows ≥ vocab_size excluded, as GPT.unembed
+    does), targets [...] int, weights [K, ...] (fixed: they get no gradient). Returns float32 [K]. Equals the
+    same sums of -token_logprobs(hidden · embeddingᵀ, targets), but only one [chunk, V_padded] block of logits
+    exists at a time. Under differentiation the forward pass computes the gradients as it goes (6·N·V·d
+    FLOPs in all, as the full-logits path; recomputing the logits in the backward pass would cost 8), which
+    is why the weightings must be known up front: the backward pass only scales them. On a batch sharded
+    over devices, GSPMD all-reduces the embedding gradient once per chunk (the scan carries it whole).
+    """
+    d = hidden.shape[-1]
+    flat_weights = weights.reshape(weights.shape[0], -1).astype(jnp.float32).T  # [N, K]
+    chunk = min(chunk, flat_weights.shape[0])  # more would only add padding
+    return _lm_head_losses(hidden.reshape(-1, d), embedding, targets.reshape(-1), flat_weights, vocab_size, chunk)
+
+
+def _to_chunks(x, chunk: int):
+    """[N, ...] -> [N_chunks, chunk, ...], zero-padded; chunk c holds rows c, c + N_chunks, c + 2·N_chunks, ...
+    Strided, not contiguous, so that rows sharded over devices (the batch) leave every chunk evenly sharded
+    rather than each chunk on one device, which the scan would gather."""
+    n_chunks = -(-x.shape[0] // chunk)
+    x = jnp.pad(x, [(0, n_chunks * chunk - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return jnp.swapaxes(x.reshape(chunk, n_chunks, *x.shape[1:]), 0, 1)
+
+
+def _from_chunks(x, n: int):
+    """Inverse of _to_chunks: [N_chunks, chunk, ...] -> [n, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])[:n]
+
+
+def _chunk_logits(hidden, embedding, vocab_size: int):
+    """float32 logits [C, V_padded] of hidden [C, d], padded vocabulary entries at -1e9 (as GPT.unembed)."""
+    logits = jax.lax.dot_general(hidden, embedding, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if vocab_size < embedding.shape[0]:
+        logits = jnp.where(jnp.arange(embedding.shape[0]) < vocab_size, logits, -1e9)
+    return logits
+
+
+def _log_normaliser_and_nll(logits, targets):
+    """logsumexp [C] and −log softmax(logits)[targets] [C]."""
+    peak = logits.max(axis=-1)
+    log_z = peak + jnp.log(jnp.exp(logits - peak[:, None]).sum(axis=-1))
+    return log_z, log_z - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+def _chunked_nll(hidden, embedding, targets, chunk: int, vocab_size: int):
+    """Per-token NLL [N] (no gradients: evaluation)."""
+    embedding = embedding.astype(hidden.dtype)
+
+    def one_chunk(_, xs):
+        h, t = xs
+        return None, _log_normaliser_and_nll(_chunk_logits(h, embedding, vocab_size), t)[1]
+
+    _, nll = jax.lax.scan(one_chunk, None, (_to_chunks(hidden, chunk), _to_chunks(targets, chunk)))
+    return _from_chunks(nll, hidden.shape[0])
+
+
+def _chunked_nll_and_gradients(hidden, embedding, targets, weights, chunk: int, vocab_size: int):
+    """Per-token NLL [N], its gradient w.r.t. each token's hidden state [N, d] (float32, unweighted:
+    (softmax − onehot)·W), and the gradient of each weighting's sum w.r.t. the embedding [V_padded, K, d]."""
+    n, d = hidden.shape
+    k = weights.shape[1]
+    embedding = embedding.astype(hidden.dtype)
+
+    def one_chunk(d_embedding, xs):
+        h, t, w = xs
+        logits = _chunk_logits(h, embedding, vocab_size)
+        log_z, nll = _log_normaliser_and_nll(logits, t)
+        d_logits = jnp.exp(logits - log_z[:, None]) - (jnp.arange(logits.shape[1]) == t[:, None])
+        d_logits = d_logits.astype(h.dtype)  # matmuls in the compute dtype, as the full path's
+        d_hidden = jnp.dot(d_logits, embedding, preferred_element_type=jnp.float32)
+        # The weights scale the [C, K·d] operand, not the [C, V] one; contracting dim 0 of both operands
+        # needs no transposed copy on XLA:CPU.
+        weighted_h = (h[:, None, :] * w[:, :, None].astype(h.dtype)).reshape(-1, k * d)
+        d_embedding += jax.lax.dot_general(d_logits, weighted_h, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+        return d_embedding, (nll, d_hidden)
+
+    xs = tuple(_to_chunks(x, chunk) for x in (hidden, targets, weights))
+    zeros = jnp.zeros((embedding.shape[0], k * d), jnp.float32)
+    d_embedding, (nll, d_hidden) = jax.lax.scan(one_chunk, zeros, xs)
+    return _from_chunks(nll, n), _from_chunks(d_hidden, n), d_embedding.reshape(-1, k, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lm_head_losses(hidden, embedding, targets, weights, vocab_size, chunk):
+    return weights.T @ _chunked_nll(hidden, embedding, targets, chunk, vocab_size)
+
+
+def _lm_head_losses_fwd(hidden, embedding, targets, weights, vocab_size, chunk):
+    nll, d_hidden, d_embedding = _chunked_nll_and_gradients(hidden, embedding, targets, weights, chunk, vocab_size)
+    # Residuals in the primals' dtypes (a residual cannot be a dtype): the cotangents must have them.
+    return weights.T @ nll, (weights, d_hidden.astype(hidden.dtype), d_embedding.astype(embedding.dtype))
+
+
+def _lm_head_losses_bwd(vocab_size, chunk, residuals, cotangent):
+    weights, d_hidden, d_embedding = residuals
+    d_hidden = ((weights @ cotangent)[:, None] * d_hidden).astype(d_hidden.dtype)
+    d_embedding = jnp.einsum("vkd,k->vd", d_embedding, cotangent).astype(d_embedding.dtype)
+    return d_hidden, d_embedding, None, None
+
+
+_lm_head_losses.defvjp(_lm_head_losses_fwd, _lm_head_losses_bwd)
 
 
 def _ordered_pairs(num_responses, k_max):

@@ -6,7 +6,7 @@ import pytest
 from instructgpt_jax.bench import __main__ as bench
 
 CASES = {
-    "train": ["--size", "test", "--batch", "8", "--seq", "64", "--matmul-n", "256"],
+    "train": ["--size", "test", "--batch", "8", "--seq", "64", "--matmul-n", "256", "--lm-head-chunk", "0,128"],
     "decode": ["--size", "test", "--prompt-len", "8", "--new-tokens", "8", "--batches", "8", "--compare-batch", "8"],
     "ppo": ["--sizes", "test", "--batch", "8", "--minibatch", "8"],
 }
@@ -21,6 +21,9 @@ def test_benchmark_prints_a_table_and_writes_json(name, tmp_path, capsys):
     rows = written["rows"]
     assert rows, written
     assert all(row.get("matmul_gflops_before", 0) > 0 for row in rows if "matmul_gflops_before" in row)
+    if name == "train":  # one row per LM-head variant, the chunked one needing less scratch memory
+        assert [row["lm_head_chunk"] for row in rows] == [0, 128]
+        assert rows[1]["scratch_MB"] < rows[0]["scratch_MB"]
     if name == "ppo":
         assert rows[0]["episodes_per_s"] > 0 and rows[0]["recompilations"] == 0
         assert rows[0]["generate_s"] > 0 and rows[0]["update_s"] > 0

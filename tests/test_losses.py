@@ -75,3 +75,48 @@ def test_sft_loss_adds_lambda_times_the_prompt_loss():
     total, response, n = losses.sft_loss(logits, targets, mask, 0.25)
     assert float(n) == 3 and float(response) == pytest.approx(float(nll[3:6].mean()), rel=1e-6)
     assert float(total) == pytest.approx(float(nll[3:6].mean() + 0.25 * nll[:3].mean()), rel=1e-6)
+
+
+def full_logits_sums(hidden, embedding, targets, weights, vocab_size):
+    """The reference: Σ_t weights[k, t]·NLL through the whole [B, T, V] logits, padded entries at -1e9."""
+    logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(hidden.dtype)).astype(jnp.float32)
+    logits = jnp.where(jnp.arange(embedding.shape[0]) < vocab_size, logits, -1e9)
+    return jnp.einsum("kbt,bt->k", weights, -losses.token_logprobs(logits, targets))
+
+
+def lm_head_example(dtype=jnp.float32):
+    """24 tokens, d=16, a vocabulary of 50 padded to 64, two weightings (a mean and a masked mean)."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    hidden = jax.random.normal(keys[0], (2, 12, 16)).astype(dtype)
+    embedding = 0.3 * jax.random.normal(keys[1], (64, 16))
+    targets = jax.random.randint(keys[2], (2, 12), 0, 50)
+    mask = jax.random.bernoulli(keys[3], 0.5, (2, 12))
+    return hidden, embedding, targets, jnp.stack([losses.mean_weights(jnp.ones((2, 12))), losses.mean_weights(mask)])
+
+
+@pytest.mark.parametrize("chunk", [5, 100])  # 5 leaves a padded last chunk; 100 > the 24 tokens
+def test_chunked_lm_head_equals_full_logits_with_gradients(chunk):
+    hidden, embedding, targets, weights = lm_head_example()
+    cotangent = jnp.array([0.7, -1.3])  # any combination of the weightings, as pmap's TERMS take them
+
+    def combined(loss_fn):
+        return lambda h, w: loss_fn(h, w, targets, weights, 50) @ cotangent
+
+    chunked = lambda h, w, t, wt, v: losses.chunked_lm_head_losses(h, w, t, wt, v, chunk)  # noqa: E731
+    np.testing.assert_allclose(chunked(hidden, embedding, targets, weights, 50),  # the no-gradient path
+                               full_logits_sums(hidden, embedding, targets, weights, 50), rtol=1e-5)
+    value, grads = jax.value_and_grad(combined(chunked), (0, 1))(hidden, embedding)
+    want_value, want_grads = jax.value_and_grad(combined(full_logits_sums), (0, 1))(hidden, embedding)
+    assert float(value) == pytest.approx(float(want_value), rel=1e-5)
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert float(jnp.abs(grads[1][50:]).max()) == 0.0  # padded vocabulary rows get no gradient
+
+
+def test_chunked_lm_head_gradients_keep_the_input_dtypes():
+    hidden, embedding, targets, weights = lm_head_example(jnp.bfloat16)
+    loss = lambda h, w: losses.chunked_lm_head_losses(h, w, targets, weights[:1], 50, 8)[0]  # noqa: E731
+    d_hidden, d_embedding = jax.grad(loss, (0, 1))(hidden, embedding)
+    assert d_hidden.dtype == jnp.bfloat16 and d_embedding.dtype == jnp.float32
+    want = jax.grad(lambda h, w: full_logits_sums(h, w, targets, weights[:1], 50)[0], (0, 1))(hidden, embedding)
+    np.testing.assert_allclose(d_embedding, want[1], atol=2e-3)

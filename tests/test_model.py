@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructgpt_jax import configs
+from instructgpt_jax import configs, losses
 from instructgpt_jax.models import gpt
 
 
@@ -65,6 +65,26 @@ def test_unembedding_is_tied_and_padded_vocab_is_masked(model_and_params):
     p = nn.meta.unbox(gpt.GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
     logits = gpt.GPT(cfg).apply({"params": p}, jnp.ones((1, 4), jnp.int32))
     assert logits.shape[-1] == 512 and bool((logits[..., 500:] < -1e8).all())
+
+
+def test_chunked_lm_head_equals_the_unembedding_and_lm_loss():
+    model = gpt.GPT(tiny_cfg(vocab_size=500))  # padded to 512
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 17), 0, 500)
+    hidden = model.apply({"params": params}, tokens[:, :-1], return_hidden=True)
+    targets, embedding = tokens[:, 1:], gpt.tied_embedding(params)
+
+    def full(h, w):
+        logits = model.apply({"params": {**params, "wte": {"embedding": w}}}, h, method="unembed")
+        return losses.lm_loss(logits, targets)
+
+    def chunked(h, w):  # 32 tokens in chunks of 7: the last one padded
+        return losses.chunked_lm_head_losses(h, w, targets, losses.mean_weights(jnp.ones((1, 2, 16))), 500, 7)[0]
+
+    (value, grads), (want, want_grads) = (jax.value_and_grad(f, (0, 1))(hidden, embedding) for f in (chunked, full))
+    assert float(value) == pytest.approx(float(want), rel=1e-5)
+    for got, expected in zip(grads, want_grads):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_residual_projections_are_scaled_at_init(model_and_params):

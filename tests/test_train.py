@@ -1,6 +1,7 @@
 """Sharded pretraining step (1 device vs 8 fake devices), optimizer, non-finite guard, checkpoints."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -336,3 +337,43 @@ def test_ema_is_optax_debiased_average_of_the_iterates():
         expected, ref_state = reference.update(state.params, ref_state)
         np.testing.assert_allclose(state.ema_params["w"], expected["w"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(steps.ema_step_size(decay, 1), 1.0, rtol=1e-6)
+
+
+def chunked_and_full_models(chunk=100):
+    """The test model with the LM head chunked (100 tokens: 512 in 6 chunks, the last padded) and without."""
+    c = configs.base_config("pretrain", "test")
+    c.model.vocab_size = 500  # padded to 512
+    models = []
+    for value in (chunk, 0):
+        c.model.lm_head_chunk = value
+        models.append(steps.build_model(c))
+    params = steps.init_state_fn(models[1], make_optimizer(c.optim), c.train.seq_len)(jax.random.PRNGKey(0)).params
+    return *models, nn.meta.unbox(params)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_chunked_lm_head_gives_the_full_logits_loss_and_gradients(stage):
+    chunked, full, params = chunked_and_full_models()
+    ids = tokens() % 500
+    if stage == "pretrain":
+        batch, loss_of = {"tokens": ids}, steps.pretrain_loss
+    else:  # response mask, λ·prompt loss and the pretraining mix: two weightings and a second LM loss
+        response = jnp.arange(64)[None] >= 20 + jnp.arange(8)[:, None]
+        batch = {"tokens": ids, "loss_mask": response.astype(jnp.float32), "pretrain_tokens": ids[::-1]}
+        loss_of = functools.partial(steps.sft_loss, prompt_loss_weight=0.5, pretrain_mix=0.25)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_of(chunked), has_aux=True))(params, batch, None)
+    (want, want_metrics), want_grads = jax.jit(jax.value_and_grad(loss_of(full), has_aux=True))(params, batch, None)
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    for key in ("response_loss", "prompt_loss", "pretrain_loss"):
+        if key in want_metrics:
+            assert float(metrics[key]) == pytest.approx(float(want_metrics[key]), rel=1e-6), key
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, want_grads)
+
+
+@pytest.mark.parametrize("value, match", [(-1, r"model.lm_head_chunk must be >= 0"),
+                                          (0.5, r"model.lm_head_chunk=0.5: expected int")])
+def test_bad_lm_head_chunk_is_a_config_error(value, match):
+    c = configs.base_config("pretrain", "test")
+    c.model = {**c.model, "lm_head_chunk": value}  # as a config file could write it (no override type check)
+    with pytest.raises(configs.ConfigError, match=match):
+        configs.validate(c)

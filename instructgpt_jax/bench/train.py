@@ -33,6 +33,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def chunk_list(text: str) -> list[int]:
+    """'0,1024' -> [0, 1024] (each >= 0)."""
+    try:
+        return [non_negative_int(item) for item in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}") from e
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="", help="a configs size name instead of the default 8L/512 shape")
     parser.add_argument("--batch", type=int, default=8)
@@ -45,6 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--profile", default="", help="also trace one more step with jax.profiler into this "
                         "directory (open it in TensorBoard's profile plugin or Perfetto)")
     parser.add_argument("--block", type=non_negative_int, default=0, help="model.attention.block_size (0: the config's)")
+    parser.add_argument("--lm-head-chunk", type=chunk_list, default=None,
+                        help="model.lm_head_chunk: tokens per chunk of the LM head + cross-entropy, 0 = full logits "
+                        "(default: the config's); a list (0,1024) times each, interleaved in one process")
 
 
 def bench_config(args):
@@ -68,8 +79,9 @@ def datasheet_peak(device_kind: str) -> float | None:
     return next((peak for name, peak in DATASHEET_PEAK.items() if name.lower() in device_kind.lower()), None)
 
 
-def run(args) -> list[dict]:
-    c = bench_config(args)
+def pretrain_stepper(c):
+    """A no-argument callable running one pretraining step of config c on a random batch (its state kept),
+    and the step's compiled scratch memory in bytes."""
     mesh = sharding.make_mesh(c, jax.devices()[:1])
     model = steps.build_model(c)
     init = steps.init_state_fn(model, make_optimizer(c.optim), c.train.seq_len)
@@ -78,32 +90,51 @@ def run(args) -> list[dict]:
     tokens = jax.random.randint(jax.random.PRNGKey(1), (c.train.batch_size, c.train.seq_len + 1), 0, c.model.vocab_size)
     batch = {"tokens": tokens}
     holder = {"state": state}
+    with sharding.sharding_context(mesh, sharding.rules(c)):
+        scratch = common.temp_bytes(step.__wrapped__.lower(state, batch).compile())
 
     def one_step():
         holder["state"], metrics = step(holder["state"], batch)
         return metrics["loss"]
 
+    return one_step, scratch
+
+
+def run(args) -> list[dict]:
+    c = bench_config(args)
+    chunks = args.lm_head_chunk or [c.model.lm_head_chunk]
+    variants = {}
+    for chunk in chunks:
+        c.model.lm_head_chunk = chunk
+        variants[chunk] = pretrain_stepper(c)
+
     dtype = jax.numpy.dtype(c.model.dtype)
     before = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
-    timing = common.time_call(one_step, repeats=args.repeats, warmup=2)
+    timings = common.time_interleaved({chunk: (one_step, ()) for chunk, (one_step, _) in variants.items()},
+                                      repeats=args.repeats, warmup=2)
     after = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
     if args.profile:  # outside the timed calls: tracing slows the step
         with jax.profiler.trace(args.profile):
-            jax.block_until_ready(one_step())
+            jax.block_until_ready(variants[chunks[0]][0]())
 
     cfg = gpt.GPTConfig.from_config(c.model)
     flops = c.train.batch_size * c.train.seq_len * gpt.train_flops_per_token(cfg, c.train.seq_len)
-    achieved = flops / timing["median_s"]
     peak_kind = datasheet_peak(getattr(jax.devices()[0], "device_kind", ""))
-    row = {
-        "model": c.model.size if args.size else "8L-512", "params_M": gpt.count_params(cfg) / 1e6,
-        "batch": c.train.batch_size, "seq": c.train.seq_len, "dtype": c.model.dtype, "remat": c.model.remat,
-        "attention": c.model.attention.implementation, "block": c.model.attention.block_size,
-        "step_ms": 1e3 * timing["median_s"], "tokens_per_s": c.train.batch_size * c.train.seq_len / timing["median_s"],
-        "achieved_gflops": achieved / 1e9,
-        "matmul_gflops_before": before / 1e9, "matmul_gflops_after": after / 1e9,
-        "utilisation": achieved / np.mean([before, after]),
-        "mfu": achieved / peak_kind if peak_kind else None,
-    }
-    common.print_table([row], list(row), title="train step (utilisation = achieved / bracketing matmul)")
-    return [row]
+    rows = []
+    for chunk, timing in timings.items():
+        achieved = flops / timing["median_s"]
+        scratch = variants[chunk][1]
+        rows.append({
+            "model": c.model.size if args.size else "8L-512", "params_M": gpt.count_params(cfg) / 1e6,
+            "batch": c.train.batch_size, "seq": c.train.seq_len, "dtype": c.model.dtype, "remat": c.model.remat,
+            "attention": c.model.attention.implementation, "block": c.model.attention.block_size,
+            "lm_head_chunk": chunk, "step_ms": 1e3 * timing["median_s"],
+            "tokens_per_s": c.train.batch_size * c.train.seq_len / timing["median_s"],
+            "achieved_gflops": achieved / 1e9,
+            "matmul_gflops_before": before / 1e9, "matmul_gflops_after": after / 1e9,
+            "utilisation": achieved / np.mean([before, after]),
+            "mfu": achieved / peak_kind if peak_kind else None,
+            "scratch_MB": None if scratch is None else scratch / 2**20,
+        })
+    common.print_table(rows, list(rows[0]), title="train step (utilisation = achieved / bracketing matmul)")
+    return rows

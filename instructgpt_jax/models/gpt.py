@@ -39,6 +39,7 @@ class GPTConfig:
     dtype: str = "float32"
     remat: str = "none"  # none | full | dots
     vocab_pad_multiple: int = 128
+    lm_head_chunk: int = 0  # > 0: losses run the tied LM head this many tokens at a time (losses.py)
     attention: Any = None  # frozen ml_collections ConfigDict of attention.default_config()
 
     @classmethod
@@ -220,6 +221,11 @@ class GPT(nn.Module):
             real = jnp.arange(self.cfg.padded_vocab) < self.cfg.vocab_size
             logits = jnp.where(real, logits, -1e9)
         return logits
+
+
+def tied_embedding(params):
+    """The unembedding matrix [padded_vocab, d_model] of GPT params: the token embedding (GPT.unembed)."""
+    return nn.meta.unbox(params["wte"]["embedding"])
 
 
 def init_cache(model: GPT, batch_size: int):

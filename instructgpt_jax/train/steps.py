@@ -97,16 +97,53 @@ def make_eval_step(loss_fn: LossFn, config, mesh, params_shardings, batch_shardi
     return sharding.with_sharding_context(jitted, mesh, sharding.rules(config))
 
 
+def forward(model: gpt.GPT, params, inputs, rng, return_hidden: bool = False):
+    """model(inputs): logits (or final hidden states); dropout when rng is given, deterministic when None."""
+    deterministic = rng is None
+    return model.apply({"params": params}, inputs, deterministic=deterministic,
+                       rngs=None if deterministic else {"dropout": rng}, return_hidden=return_hidden)
+
+
+def lm_head_chunk(model) -> int:
+    """model.cfg.lm_head_chunk; 0 (full logits) for a stand-in with only .apply (tests probe the logits so)."""
+    return getattr(getattr(model, "cfg", None), "lm_head_chunk", 0)
+
+
+def chunked_nll_sums(model: gpt.GPT, params, tokens, weights, rng):
+    """Σ_t weights[k, t]·NLL(tokens[:, t+1]) for K fixed weightings [K, B, T] of sequences tokens [B, T+1],
+    the LM head run model.cfg.lm_head_chunk tokens at a time (no [B, T, vocab] logits)."""
+    hidden = forward(model, params, tokens[:, :-1], rng, return_hidden=True)
+    return losses.chunked_lm_head_losses(hidden, gpt.tied_embedding(params), tokens[:, 1:], weights,
+                                         model.cfg.vocab_size, lm_head_chunk(model))
+
+
+def next_token_loss(model: gpt.GPT, params, tokens, rng):
+    """losses.lm_loss of packed sequences tokens [B, T+1], through the chunked LM head if the model has one."""
+    targets = tokens[:, 1:]
+    if lm_head_chunk(model):
+        uniform = jnp.full((1, *targets.shape), 1.0 / targets.size)
+        return chunked_nll_sums(model, params, tokens, uniform, rng)[0]
+    return losses.lm_loss(forward(model, params, tokens[:, :-1], rng), targets)
+
+
+def sft_terms(model: gpt.GPT, params, tokens, loss_mask, rng, with_prompt: bool) -> dict:
+    """losses.sft_loss_terms of tokens [B, T+1], through the chunked LM head if the model has one (which
+    then computes the prompt loss only when asked: each weighting costs a gradient matmul)."""
+    if not lm_head_chunk(model):
+        return losses.sft_loss_terms(forward(model, params, tokens[:, :-1], rng), tokens[:, 1:], loss_mask)
+    masks = {"response": loss_mask, "prompt": losses.prompt_target_mask(loss_mask)}
+    names = ["response", "prompt"] if with_prompt else ["response"]
+    weights = jnp.stack([losses.mean_weights(masks[name]) for name in names])
+    sums = chunked_nll_sums(model, params, tokens, weights, rng)
+    terms = {f"{name}_loss": total for name, total in zip(names, sums)}
+    return {**terms, **{f"{name}_tokens": mask.astype(jnp.float32).sum() for name, mask in masks.items()}}
+
+
 def pretrain_loss(model: gpt.GPT) -> LossFn:
     """Next-token cross-entropy on packed sequences: batch["tokens"] [B, T+1]."""
 
     def loss_fn(params, batch, rng):
-        tokens = batch["tokens"]
-        deterministic = rng is None
-        logits = model.apply({"params": params}, tokens[:, :-1], deterministic=deterministic,
-                             rngs=None if deterministic else {"dropout": rng})
-        loss = losses.lm_loss(logits, tokens[:, 1:])
-        return loss, {}
+        return next_token_loss(model, params, batch["tokens"], rng), {}
 
     return loss_fn
 
@@ -127,24 +164,19 @@ def sft_loss(model: gpt.GPT, prompt_loss_weight: float = 0.0, pretrain_mix: floa
     pretraining text and the loss is (1 − m)·SFT + m·LM (InstructGPT's pretraining mix, App. C).
     """
 
-    def forward(params, tokens, rng):
-        deterministic = rng is None
-        return model.apply({"params": params}, tokens[:, :-1], deterministic=deterministic,
-                           rngs=None if deterministic else {"dropout": rng})
-
     def loss_fn(params, batch, rng):
         sft_rng, lm_rng = (None, None) if rng is None else jax.random.split(rng)
-        tokens = batch["tokens"]
-        t = losses.sft_loss_terms(forward(params, tokens, sft_rng), tokens[:, 1:], batch["loss_mask"])
-        loss = t["response_loss"] + prompt_loss_weight * t["prompt_loss"]  # losses.sft_loss
+        t = sft_terms(model, params, batch["tokens"], batch["loss_mask"], sft_rng, with_prompt=bool(prompt_loss_weight))
+        loss = t["response_loss"]  # + λ·prompt loss below: losses.sft_loss
         metrics = {"response_loss": t["response_loss"], "response_tokens": t["response_tokens"]}
         # pmap: the response loss is a mean over response tokens, the prompt loss over prompt tokens.
         weights, terms = {"loss": t["response_tokens"], "response_tokens": pmap.TOTAL}, {"response_loss": 1.0}
         if prompt_loss_weight:
+            loss = loss + prompt_loss_weight * t["prompt_loss"]
             metrics["prompt_loss"], weights["prompt_loss"] = t["prompt_loss"], t["prompt_tokens"]
             terms["prompt_loss"] = prompt_loss_weight
         if pretrain_mix:
-            lm = losses.lm_loss(forward(params, batch["pretrain_tokens"], lm_rng), batch["pretrain_tokens"][:, 1:])
+            lm = next_token_loss(model, params, batch["pretrain_tokens"], lm_rng)
             loss = (1.0 - pretrain_mix) * loss + pretrain_mix * lm
             metrics["pretrain_loss"], weights["pretrain_loss"] = lm, 1.0  # equal pretraining rows per device
             terms = {**{k: (1.0 - pretrain_mix) * c for k, c in terms.items()}, "pretrain_loss": pretrain_mix}
@@ -217,7 +249,7 @@ def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
         metrics[pmap.TERMS] = {"policy_loss": 1.0, "value_loss": ppo_cfg.value_coef, "entropy": -ppo_cfg.entropy_coef}
         if ppo_cfg.ptx_coef:
             pretrain = batch["pretrain_tokens"]
-            ptx_loss = losses.lm_loss(policy_model.apply({"params": params["policy"]}, pretrain[:, :-1]), pretrain[:, 1:])
+            ptx_loss = next_token_loss(policy_model, params["policy"], pretrain, None)
             loss = loss + ppo_cfg.ptx_coef * ptx_loss
             metrics["ptx_loss"] = ptx_loss
             metrics[pmap.TERMS]["ptx_loss"] = ppo_cfg.ptx_coef
