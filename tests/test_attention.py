@@ -1,4 +1,6 @@
 """Attention patterns and implementations against the masked-dense reference (tiny shapes, f32)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +137,25 @@ def test_block_layouts_scale_with_density():
         assert sum(p.active_blocks for p in strided) < 0.5 * dense_blocks * (1024 / T)
     causal, = attention.block_plans("dense", params, 1024, block)
     assert len(causal.buckets) > 1 and causal.slots < 1.2 * causal.active_blocks  # bucketed triangle
+
+
+def test_contiguous_layouts_read_keys_as_slices_and_equal_the_gathered_path():
+    params, T, block = attention.PatternParams(local_window=20, stride=8, fixed_c=3), 64, 16
+    dense, = attention.block_plans("dense", params, T, block)
+    local, = attention.block_plans("local", params, T, block)
+    np.testing.assert_array_equal(dense.key_ranges, [[0, 1], [0, 2], [0, 3], [0, 4]])  # causal prefixes
+    np.testing.assert_array_equal(local.key_ranges, [[0, 1], [0, 2], [0, 3], [1, 4]])  # a 20-token band
+    assert all(plan.key_ranges is None for plan in attention.block_plans("strided_a2", params, T, block))
+    q, k, v, cotangent = qkv(2, T, 2, 8)
+    for plan in (dense, local):
+        gathered = dataclasses.replace(plan, key_ranges=None)
+        results = [jax.jit(jax.value_and_grad(
+            lambda q, k, v, p=p: jnp.sum(block_sparse.block_sparse_attention((p,), q, k, v) * cotangent), (0, 1, 2)))(
+            q, k, v) for p in (plan, gathered)]
+        (value, grads), (want_value, want_grads) = results
+        np.testing.assert_allclose(value, want_value, rtol=1e-5)
+        for grad, want in zip(grads, want_grads):
+            np.testing.assert_allclose(grad, want, atol=1e-5)
 
 
 def test_residue_major_order_makes_strided_a2_block_diagonal():

@@ -16,6 +16,13 @@ The computation gathers the K/V blocks of every slot, computes scores only for t
 [b, D] x [D, slots*b] product per row), applies the exact token mask inside each block, and
 returns the unnormalised softmax pieces (numerator, denominator, row max) so that components
 merge exactly. FLOPs and memory are proportional to the number of slots, i.e. to the block density.
+
+When a component keeps the natural token order and every query block needs one contiguous run of key
+blocks (dense causal: a prefix; a local band: a window), each query block instead reads its keys as a
+static slice: no gathered copies of K/V, and a backward pass without scatter-adds. On the 2-core CPU this
+took fwd+bwd of dense causal attention alone (B=8, H=8, T=512, D=64) from 409 ms (gathered 128-token
+slots) to 212-254 ms (64- and 128-token slices); inside the whole 8-layer training step the two paths
+measured the same (4.7-4.8 s, interleaved in one process).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ class ComponentPlan:
     block: int
     buckets: tuple[Bucket, ...]
     active_blocks: int  # (query block, key block) pairs with at least one allowed token pair
+    key_ranges: np.ndarray | None = None  # [T/block, 2] (first, last + 1) key block per query block, when sliceable
 
     @property
     def slots(self) -> int:
@@ -110,10 +118,24 @@ def pack_buckets(activity: np.ndarray, max_buckets: int = 8) -> tuple[Bucket, ..
     return tuple(buckets)
 
 
+def contiguous_key_ranges(activity: np.ndarray) -> np.ndarray | None:
+    """[n_q, 2] (first, last + 1) active key block of each query block, or None unless every query block
+    has at least one active key block and they form one contiguous run."""
+    ranges = np.zeros((activity.shape[0], 2), np.int64)
+    for row, active in enumerate(activity):
+        keys = np.flatnonzero(active)
+        if keys.size == 0 or keys[-1] - keys[0] + 1 != keys.size:
+            return None
+        ranges[row] = keys[0], keys[-1] + 1
+    return ranges
+
+
 def plan_component(mask_fn, q_order, k_order, block: int) -> ComponentPlan:
     q_order, k_order = np.asarray(q_order), np.asarray(k_order)
     activity = block_activity(mask_fn, q_order, k_order, block)
-    return ComponentPlan(mask_fn, q_order, k_order, block, pack_buckets(activity), int(activity.sum()))
+    natural = is_identity(q_order) and is_identity(k_order)
+    return ComponentPlan(mask_fn, q_order, k_order, block, pack_buckets(activity), int(activity.sum()),
+                         key_ranges=contiguous_key_ranges(activity) if natural else None)
 
 
 def _reorder(x, order: np.ndarray):
@@ -140,16 +162,35 @@ def _bucket_attention(plan: ComponentPlan, bucket: Bucket, q_blocks, k_blocks, v
     rows_q = q_blocks if all_rows_in_order else q_blocks[:, bucket.row_blocks]
     k_slots = k_blocks[:, bucket.k_block].reshape(N * R, M * b, D)
     v_slots = v_blocks[:, bucket.k_block].reshape(N * R, M * b, D)
-    mask = _slot_mask(plan, bucket)
     s = jnp.einsum("nqd,nkd->nqk", rows_q.reshape(N * R, b, D), k_slots,
                    preferred_element_type=jnp.float32).reshape(N, R, b, M * b)
-    s = jnp.where(mask, s, NEG)
-    m = jax.lax.stop_gradient(jnp.maximum(s.max(axis=-1), MAX_FLOOR))  # softmax ignores the shift
-    p = jnp.exp(s - m[..., None])  # masked entries: exp(NEG - m) == 0 exactly
-    denom = p.sum(axis=-1)
+    p, denom, m = _unnormalised_softmax(s, _slot_mask(plan, bucket))
     num = jnp.einsum("nqk,nkd->nqd", p.astype(v_slots.dtype).reshape(N * R, b, M * b), v_slots,
                      preferred_element_type=jnp.float32)
     return num.reshape(N, R * b, D), denom.reshape(N, R * b), m.reshape(N, R * b)
+
+
+def _unnormalised_softmax(scores, mask):
+    """exp(scores − row max) with masked entries exactly 0, its row sums and the (gradient-free) row max."""
+    s = jnp.where(mask, scores, NEG)
+    m = jax.lax.stop_gradient(jnp.maximum(s.max(axis=-1), MAX_FLOOR))  # softmax ignores the shift
+    p = jnp.exp(s - m[..., None])  # masked entries: exp(NEG - m) == 0 exactly
+    return p, p.sum(axis=-1), m
+
+
+def _sliced_attention(plan: ComponentPlan, q, k, v):
+    """Softmax pieces in natural order when each query block's keys are one contiguous run of blocks
+    (plan.key_ranges): a [b, D] x [D, run] product per query block on static slices of k and v."""
+    b = plan.block
+    pieces = []
+    for row, (first, stop) in enumerate(plan.key_ranges):
+        rows, keys = slice(row * b, (row + 1) * b), slice(first * b, stop * b)
+        mask = plan.mask_fn(np.arange(rows.start, rows.stop)[:, None], np.arange(keys.start, keys.stop)[None, :])
+        s = jnp.einsum("nqd,nkd->nqk", q[:, rows], k[:, keys], preferred_element_type=jnp.float32)
+        p, denom, m = _unnormalised_softmax(s, mask)
+        num = jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v[:, keys], preferred_element_type=jnp.float32)
+        pieces.append((num, denom, m))
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*pieces))
 
 
 def _natural_token_index(plan: ComponentPlan) -> np.ndarray:
@@ -168,6 +209,8 @@ def component_attention(plan: ComponentPlan, q, k, v):
     """q (already scaled), k, v: [N, T, D] in natural order (N = batch*heads). Returns this
     component's softmax pieces in natural order: numerator [N, T, D] (f32), denominator [N, T],
     row max [N, T]."""
+    if plan.key_ranges is not None:
+        return _sliced_attention(plan, q, k, v)
     N, T, D = q.shape
     blocks = lambda x, order: _reorder(x, order).reshape(N, T // plan.block, plan.block, D)
     q_blocks, k_blocks, v_blocks = blocks(q, plan.q_order), blocks(k, plan.k_order), blocks(v, plan.k_order)
