@@ -94,8 +94,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         vocab_pad_multiple=128,
         # Losses run the tied LM head + cross-entropy this many tokens at a time, never holding the
         # [tokens, vocab] logits (losses.chunked_lm_head_losses); 0: the full logits. On the 2-core CPU
-        # (bench train, 8L-512, vocab 8192, 4096 tokens, interleaved A/B) 512 took 0.90-0.94x the step time
-        # of full logits and 330 MiB less scratch; accelerators are unmeasured, so the paper sizes keep 0.
+        # (bench train, 8L-512, vocab 8192, 4096 tokens, interleaved A/B) 512 took 0.84-0.99x (median 0.94)
+        # the step time of full logits and 330 MiB less scratch; tiny 0.89x. Accelerators are unmeasured, so
+        # the paper sizes keep 0.
         lm_head_chunk=512 if size in CPU_SIZES else 0,
         attention=attn,
     ))

@@ -102,7 +102,7 @@ def pretrain_stepper(c):
 
 def run(args) -> list[dict]:
     c = bench_config(args)
-    chunks = args.lm_head_chunk or [c.model.lm_head_chunk]
+    chunks = list(dict.fromkeys(args.lm_head_chunk or [c.model.lm_head_chunk]))  # one row per distinct value
     variants = {}
     for chunk in chunks:
         c.model.lm_head_chunk = chunk
