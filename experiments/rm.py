@@ -3,6 +3,7 @@
   python -m instructgpt_jax.main --config=experiments/rm.py:size=tiny --workdir=runs/p/rm
   ... --config.data.comparisons.path=my.jsonl   # {"prompt", "responses": [best first]}, or "chosen"/"rejected"
   ... --config.rm.samples=simulated             # default comparisons without sampling the SFT policy
+  ... --config.rm.score=final_token+loglik      # + w·log p(response | prompt) (README: ranks better, PPO exploits it)
 
 The trunk starts from "{workdir}/../sft" (§3.5: the SFT model with the unembedding removed). Without a
 comparisons file, K responses per prompt are sampled from that SFT policy and ranked by the simulated
@@ -23,6 +24,9 @@ def get_config(arg=None):
         max_responses=9,  # K_max: labelers ranked K = 4..9 responses per prompt (§3.5)
         epochs=arg.epochs or 1,  # App. C.2: a single epoch; more epochs overfit
         samples=arg.samples,  # default comparisons: "policy" (SFT samples) or "simulated" (tasks.py)
+        # "final_token": §3.5's scalar projection of the final token. "final_token+loglik" adds w·log p(response |
+        # prompt) under the trunk's own tied unembedding (models/heads.py; w learned, starting at 1).
+        score="final_token",
         sample_policy=c.init.get_ref("params"),  # the policy whose samples are ranked
         num_prompts=33_000,  # §3.5 / Table 6: ~33k training prompts for the RM
         responses_per_prompt=4,

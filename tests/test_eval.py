@@ -114,7 +114,7 @@ def test_ranked_accuracy_counts_pairs_in_rank_order():
 
 
 def test_rm_scores_of_texts_end_with_eos_only_when_ended(byte_tokenizer):
-    def last_token(params, tokens, last):  # a "reward model" that returns the token it reads
+    def last_token(params, tokens, last, first):  # a "reward model" that returns the token it reads
         return np.asarray(tokens)[np.arange(len(last)), np.asarray(last)].astype(np.float32)
 
     scores = rm_accuracy.score_texts(last_token, None, byte_tokenizer, ["Q:", "Q:"], [" ab", " ab"], [True, False], 16)

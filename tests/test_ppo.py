@@ -150,6 +150,23 @@ def test_rollout_logprobs_equal_the_samplers_and_kl_to_itself_is_zero(models):
     assert float(jnp.abs(batch.advantages).sum()) > 0
 
 
+def test_a_loglik_reward_model_counts_only_response_tokens_in_scores_and_values(models):
+    c, policy, _, policy_params, _ = models
+    value = heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model), score="final_token+loglik")
+    value_params = nn.meta.unbox(value.init(jax.random.PRNGKey(1), jnp.zeros((1, 16), jnp.int32))["params"])
+    out, mask = sampled(policy, policy_params)
+    batch = score(c, policy, value, policy_params, value_params, out, mask)
+    positions, valid = rollout.sequence_inputs(mask, out.response_mask)
+    p = mask.shape[1]
+    apply = lambda first, **kw: value.apply({"params": value_params}, out.tokens, p + out.lengths - 1,  # noqa: E731
+                                            positions, valid, jnp.full(mask.shape[:1], first), **kw)
+    np.testing.assert_allclose(batch.scores, apply(p) - 0.25, atol=1e-5)
+    assert not np.allclose(apply(p), apply(1), atol=1e-3)  # counting the prompt too would change the score
+    # The value before the first response token has no response log-likelihood in it yet.
+    head_only = value.apply({"params": value_params}, out.tokens, None, positions, valid, jnp.full(mask.shape[:1], 10**6))
+    np.testing.assert_allclose(batch.values[:, 0], head_only[:, p - 1], atol=1e-5)
+
+
 def test_gold_reward_replaces_the_rm_score_in_the_rewards_but_the_rm_score_is_still_reported(models):
     c, policy, value, policy_params, value_params = models
     out, mask = sampled(policy, policy_params)
@@ -277,7 +294,7 @@ def test_ppo_stage_trains_evaluates_and_resumes_exactly(env, earlier_stages):
     assert straight["sft"]["sampled"]["kl_to_reference"]["mean"] == pytest.approx(0.0, abs=1e-5)
     c = ppo_config(env)
     mesh = sharding.make_mesh(c)
-    init = ppo.init_state_fn(steps.build_model(c), heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model)),
+    init = ppo.init_state_fn(steps.build_model(c), ppo.value_model_for(c, str(earlier_stages / "ppo_straight")),
                              steps.make_ppo_optimizer(c), 32, ema=True)
     abstract, _ = sharding.abstract_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
     a = checkpoint.Checkpointer(str(earlier_stages / "ppo_straight")).restore(abstract)
@@ -301,6 +318,28 @@ def test_ppo_with_the_gold_reward_trains_and_still_reports_the_rm_score(env, ear
     [train] = [json.loads(line) for line in open(earlier_stages / "ppo_gold" / "metrics.jsonl")
                if json.loads(line)["split"] == "train"]
     assert 0.0 <= train["gold_score"] <= 1.0 and np.isfinite(train["rm_score"]) and np.isfinite(train["policy_loss"])
+
+
+def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stages):
+    """An RM trained with the log-likelihood term: PPO's value model and evaluation follow its record; a value
+    initialised from an RM of the other form is refused with one error naming both keys."""
+    root, tokenizer_path = env
+    c = stage_config("rm", root, tokenizer_path)
+    c.labeler.num_demonstrations, c.rm.ceiling_prompts, c.rm.best_of_n_prompts = 200, 50, 0
+    c.rm.score = "final_token+loglik"
+    c.data.comparisons.path = json.load(open(earlier_stages / "rm" / "config.json"))["data"]["comparisons"]["path"]
+    rm.run(c, str(earlier_stages / "rm_loglik"))
+    assert heads.read_record(str(earlier_stages / "rm_loglik"))["score"] == "final_token+loglik"
+    loglik = dict(reward="{workdir}/../rm_loglik", value="{workdir}/../rm_loglik")
+    pc = ppo_config(env, iterations=1)
+    pc.init.update(loglik)
+    result = ppo.run(pc, str(earlier_stages / "ppo_loglik"))
+    assert np.isfinite(result["ppo"]["sampled"]["rm_score"]["mean"])
+    mixed = ppo_config(env, iterations=1)
+    mixed.init.value = "{workdir}/../rm_loglik"
+    with pytest.raises(ConfigError, match=r"init.reward=.* scores 'final_token' but init.value=.* 'final_token\+loglik'"):
+        ppo.run(mixed, str(earlier_stages / "ppo_mixed"))
+    assert not os.path.exists(earlier_stages / "ppo_mixed")  # refused before any work
 
 
 @pytest.mark.parametrize("key,value,message", [

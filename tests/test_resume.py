@@ -118,7 +118,7 @@ def later_stages(tmp_path_factory):
     sources.build_text_source("tasks", c.data)  # PPO-ptx's pretraining rows
     reward_model = heads.RewardModel(gpt.GPTConfig.from_config(c.model))
     save_initial_model(c, str(root / "reward"), seed=2, model=reward_model)  # a PPO run scores with it
-    heads.write_bias(str(root / "reward"), 0.0)
+    heads.write_bias(str(root / "reward"), 0.0, "final_token")
     common = [f"--config.data.dir={c.data.dir}", f"--config.tokenizer.path={tokenizer}",
               f"--config.tokenizer.vocab_size={VOCAB}", f"--config.init.params={root / 'earlier'}",
               f"--config.data.demonstrations.path={c.data.demonstrations.path}",

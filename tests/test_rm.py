@@ -35,9 +35,11 @@ def reward_model(env):
 
 
 def test_comparison_example_pads_responses_and_marks_their_last_token():
-    ex = pipeline.comparison_example([[5, 6, 7, 1], [5, 6, 1], [5, 6, 8, 9, 10]], pad_id=0, seq_len=6, max_responses=4)
+    ex = pipeline.comparison_example([[5, 6, 7, 1], [5, 6, 1], [5, 6, 8, 9, 10]], prompt_len=2, pad_id=0, seq_len=6,
+                                     max_responses=4)
     np.testing.assert_array_equal(ex["tokens"], [[5, 6, 7, 1, 0, 0], [5, 6, 1, 0, 0, 0], [5, 6, 8, 9, 10, 0], [0] * 6])
     np.testing.assert_array_equal(ex["last_index"], [3, 2, 4, 0])
+    np.testing.assert_array_equal(ex["response_start"], [2, 2, 2, 2])
     assert int(ex["num_responses"]) == 3
 
 
@@ -50,6 +52,7 @@ def test_tokenize_comparison_ends_with_eos_only_when_ended_and_drops_overlong(en
     first, second = (ex["tokens"][k, :ex["last_index"][k] + 1] for k in (0, 1))
     assert first[-1] == tok.eos_id and second[-1] != tok.eos_id
     assert tok.decode(first) == record["prompt"] + " cat dog"
+    assert tok.decode(first[:ex["response_start"][0]]) == record["prompt"]
     with pytest.raises(ConfigError, match=r"f.jsonl:1: 3 responses, more than rm.max_responses=2"):
         pipeline.tokenize_comparison(record, tok, 32, 2, "f.jsonl:1")
     assert pipeline.tokenize_comparison({**record, "responses": record["responses"][1:], "ended": [True, True]},
@@ -73,7 +76,7 @@ def test_each_response_goes_through_the_trunk_once_not_once_per_pair(reward_mode
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.integers(4, 300, size=(b, k, t)), jnp.int32),
              "last_index": jnp.asarray(rng.integers(5, t, size=(b, k)), jnp.int32),
-             "num_responses": jnp.array([4, 2, 3], jnp.int32)}
+             "response_start": jnp.full((b, k), 3, jnp.int32), "num_responses": jnp.array([4, 2, 3], jnp.int32)}
     counting = CountingModel(model)
     loss, _ = jax.jit(steps.rm_loss(counting))(params, batch, None)  # shapes are recorded while tracing
     assert counting.calls == [(b * k, t)]  # 12 sequences in one call; the pairs number 6 + 1 + 3
@@ -85,13 +88,14 @@ def test_each_response_goes_through_the_trunk_once_not_once_per_pair(reward_mode
 def planted_batch(rng, batch_size, seq_len, good=7, bad=9):
     """K=2: random prompts answered by `good` (ranked first) or `bad`, then EOS; one padding slot (K_max 3)."""
     tokens = np.zeros((batch_size, 3, seq_len), np.int32)
-    last = np.zeros((batch_size, 3), np.int32)
+    last, first = np.zeros((batch_size, 3), np.int32), np.zeros((batch_size, 3), np.int32)
     for i in range(batch_size):
         prompt = list(rng.integers(20, 300, size=int(rng.integers(3, 20))))
         for k, answer in enumerate((good, bad)):
             ids = prompt + [answer, 1]
-            tokens[i, k, :len(ids)], last[i, k] = ids, len(ids) - 1
-    return {"tokens": tokens, "last_index": last, "num_responses": np.full(batch_size, 2, np.int32)}
+            tokens[i, k, :len(ids)], last[i, k], first[i, k] = ids, len(ids) - 1, len(prompt)
+    return {"tokens": tokens, "last_index": last, "response_start": first,
+            "num_responses": np.full(batch_size, 2, np.int32)}
 
 
 def test_rm_step_learns_a_planted_preference(env):
@@ -125,6 +129,60 @@ def test_score_is_read_at_the_last_token_and_ignores_padding_on_either_side(rewa
     assert float(from_left[0]) == pytest.approx(float(at_last[0]), abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def loglik_model(env):
+    c = stage_config("rm", *env)
+    model = heads.RewardModel(gpt.GPTConfig.from_config(c.model), score="final_token+loglik")
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16), jnp.int32))["params"])
+    params["loglik_weight"] = jnp.float32(0.7)  # not its initial 1, so the test sees the weight used
+    return c, model, params
+
+
+def test_loglik_score_adds_the_weighted_log_likelihood_of_the_response_only(loglik_model):
+    c, model, params = loglik_model
+    prompt, response = [5, 17, 29], [41, 7, 1]
+    tokens = jnp.zeros((1, 16), jnp.int32).at[0, :6].set(jnp.array(prompt + response))
+    trunk = gpt.GPT(model.cfg)
+    logprobs = jax.nn.log_softmax(trunk.apply({"params": params["trunk"]}, tokens)[0], axis=-1)
+    hidden = trunk.apply({"params": params["trunk"]}, tokens, return_hidden=True)[0, 5]
+    final_token = float(heads.ScalarHead(model.cfg.d_model).apply({"params": params["head"]}, hidden))
+    loglik = sum(float(logprobs[s - 1, tokens[0, s]]) for s in range(3, 6))  # the response's 3 tokens
+    apply = jax.jit(lambda *args: model.apply({"params": params}, *args))
+    score = float(apply(tokens, jnp.array([5]), None, None, jnp.array([3]))[0])
+    assert score == pytest.approx(final_token + 0.7 * loglik, abs=1e-4)
+    # Per position (the value function's shape), the term counts the response so far; the prompt never.
+    per_position = apply(tokens, None, None, None, jnp.array([3]))[0]
+    head_only = heads.ScalarHead(model.cfg.d_model).apply(
+        {"params": params["head"]}, trunk.apply({"params": params["trunk"]}, tokens, return_hidden=True)[0])
+    np.testing.assert_allclose(per_position[:3], head_only[:3], atol=1e-5)
+    assert float(per_position[5]) == pytest.approx(score, abs=1e-4)
+    # Left-padded as the sampler lays sequences out: the same score.
+    left = jnp.zeros((1, 16), jnp.int32).at[0, 10:].set(jnp.array(prompt + response))
+    valid = left != 0
+    from_left = apply(left, jnp.array([15]), sampling.positions_from_mask(valid), valid, jnp.array([13]))
+    assert float(from_left[0]) == pytest.approx(score, abs=1e-4)
+    with pytest.raises(ValueError, match="needs response_start"):
+        model.apply({"params": params}, tokens, jnp.array([5]))
+
+
+def test_reward_record_carries_the_score_form_and_folds_into_the_value_head(tmp_path, loglik_model):
+    c, model, params = loglik_model
+    heads.write_bias(str(tmp_path), 2.5, "final_token+loglik", step=3)
+    assert heads.read_record(str(tmp_path)) == {"bias": 2.5, "score": "final_token+loglik", "step": 3}
+    assert heads.reward_model_of(str(tmp_path), c.model).score == "final_token+loglik"
+    tokens, first = jnp.array([[5, 17, 29, 41, 7, 1]]), jnp.array([3])
+    raw = model.apply({"params": params}, tokens, None, None, None, first)
+    folded = model.apply({"params": heads.fold_bias(params, 2.5)}, tokens, None, None, None, first)
+    np.testing.assert_allclose(folded, raw - 2.5, atol=1e-5)
+    with open(os.path.join(tmp_path, heads.REWARD_BIAS_FILE), "w") as f:
+        json.dump({"bias": 1.0}, f)  # written before the score form was recorded
+    assert heads.read_record(str(tmp_path))["score"] == "final_token"
+    with open(os.path.join(tmp_path, heads.REWARD_BIAS_FILE), "w") as f:
+        json.dump({"bias": 1.0, "score": "mean"}, f)
+    with pytest.raises(CheckpointError, match=r"reward_bias.json: score 'mean'"):
+        heads.read_record(str(tmp_path))
+
+
 def test_head_starts_with_std_one_over_sqrt_d_model_plus_one():
     params = heads.ScalarHead(4095).init(jax.random.PRNGKey(0), jnp.zeros((1, 4095)))["params"]
     kernel = np.asarray(nn.meta.unbox(params)["kernel"])
@@ -137,6 +195,7 @@ def test_head_starts_with_std_one_over_sqrt_d_model_plus_one():
     ("samples", "humans", "rm.samples='humans'"),
     ("best_of_n", (0, 2), r"rm.best_of_n_prompts=8 .* rm.best_of_n=\(0, 2\)"),
     ("best_of_n_prompts", -1, "rm.best_of_n_prompts=-1"),
+    ("score", "mean", "rm.score='mean'"),
 ])
 def test_bad_rm_config_names_the_key(env, key, value, message):
     c = stage_config("rm", *env)
@@ -189,7 +248,9 @@ def test_loaded_reward_model_scores_held_out_demonstrations_zero_on_average(rm_r
     tokens = np.zeros((len(seqs), c.train.seq_len), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = s
-    scores = np.asarray(reward(tokens, np.array([len(s) - 1 for s in seqs])))
+    starts = np.array([len(tok.encode(d["prompt"])) for d in demos])
+    scores = np.asarray(reward(tokens, np.array([len(s) - 1 for s in seqs]), None, None, starts))
+    assert reward.model.score == c.rm.score
     assert len(scores) >= 5 and abs(scores.mean()) < 1e-4
     assert scores.std() > 0  # a real score, not a constant
 
@@ -206,6 +267,7 @@ def rm_update_on_one_device(reward_model):
     b, k, t = 8, c.rm.max_responses, c.train.seq_len
     batch = {"tokens": rng.integers(4, 300, size=(b, k, t)).astype(np.int32),
              "last_index": rng.integers(5, t, size=(b, k)).astype(np.int32),
+             "response_start": rng.integers(1, 5, size=(b, k)).astype(np.int32),
              "num_responses": np.array([4, 2, 3, 0, 2, 4, 1, 3], np.int32)}
     return stage_step_on_devices(c, model, steps.make_rm_step, batch, params)
 

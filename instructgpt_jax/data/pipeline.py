@@ -385,10 +385,11 @@ def response_tokens(prompt_ids: Sequence[int], response_ids: Sequence[int], ende
     return list(prompt_ids) + list(response_ids) + ([eos_id] if ended else [])
 
 
-def comparison_example(sequences: Sequence[Sequence[int]], pad_id: int, seq_len: int,
+def comparison_example(sequences: Sequence[Sequence[int]], prompt_len: int, pad_id: int, seq_len: int,
                        max_responses: int) -> dict[str, np.ndarray]:
-    """K token sequences (best first) -> {"tokens": int32[K_max, seq_len] right-padded,
-    "last_index": int32[K_max] (position of each last token), "num_responses": int32 K}."""
+    """K token sequences (best first), each prompt_len prompt tokens + a response -> {"tokens":
+    int32[K_max, seq_len] right-padded, "last_index": int32[K_max] (position of each last token),
+    "response_start": int32[K_max] (prompt_len), "num_responses": int32 K}."""
     if not 2 <= len(sequences) <= max_responses:
         raise ValueError(f"need 2 <= K <= max_responses={max_responses} responses, got {len(sequences)}")
     tokens = np.full((max_responses, seq_len), pad_id, dtype=np.int32)
@@ -398,7 +399,9 @@ def comparison_example(sequences: Sequence[Sequence[int]], pad_id: int, seq_len:
             raise ValueError(f"response {k} is {len(ids)} tokens; must be 1..seq_len={seq_len}")
         tokens[k, : len(ids)] = ids
         last_index[k] = len(ids) - 1
-    return {"tokens": tokens, "last_index": last_index, "num_responses": np.int32(len(sequences))}
+    return {"tokens": tokens, "last_index": last_index,
+            "response_start": np.full(max_responses, prompt_len, dtype=np.int32),
+            "num_responses": np.int32(len(sequences))}
 
 
 def tokenize_comparison(record: dict, tokenizer: tokenizer_lib.Tokenizer, seq_len: int, max_responses: int,
@@ -414,7 +417,8 @@ def tokenize_comparison(record: dict, tokenizer: tokenizer_lib.Tokenizer, seq_le
     kept = [k for k, ids in enumerate(sequences) if len(ids) <= seq_len]
     if len(kept) < 2:
         return None, kept
-    return comparison_example([sequences[k] for k in kept], tokenizer.pad_id, seq_len, max_responses), kept
+    return comparison_example([sequences[k] for k in kept], len(prompt), tokenizer.pad_id, seq_len,
+                              max_responses), kept
 
 
 def tokenized_comparisons(data_cfg: ml_collections.ConfigDict, built: sources.BuiltSource, split: str,
@@ -442,7 +446,8 @@ def rm_batches(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tok
                batch_size: int, max_responses: int, split: str, seed: int, process_index: int = 0,
                process_count: int = 1) -> grain.DatasetIterator:
     """RM batches of prompts, each with its K <= max_responses responses best first:
-    `{"tokens": int32[B_local, K_max, seq_len], "last_index": int32[B_local, K_max], "num_responses": int32[B_local]}`.
+    `{"tokens": int32[B_local, K_max, seq_len], "last_index", "response_start": int32[B_local, K_max],
+    "num_responses": int32[B_local]}` (comparison_example's fields).
 
     Comparisons from `data.comparisons.path`; endless (validation: same order every call).
     """

@@ -9,27 +9,33 @@ from instructgpt_jax.data.tokenizer import PAD_ID
 from instructgpt_jax.eval import stats
 
 
-def score_sequences(score_fn, params, sequences, seq_len: int, chunk: int = 256) -> np.ndarray:
-    """Raw scores of token sequences (each read at its last token), in fixed-size padded chunks."""
+def score_sequences(score_fn, params, sequences, response_starts, seq_len: int, chunk: int = 256) -> np.ndarray:
+    """Raw scores of token sequences (each read at its last token; its response begins at the index in
+    response_starts), in fixed-size padded chunks. score_fn(params, tokens, last_index, response_start)."""
+    if len(sequences) != len(response_starts):
+        raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} response starts")
     scores = []
     for start in range(0, len(sequences), chunk):
         part = sequences[start:start + chunk]
         tokens = np.full((chunk, seq_len), PAD_ID, np.int32)
-        last = np.zeros(chunk, np.int32)
+        last, first = np.zeros(chunk, np.int32), np.zeros(chunk, np.int32)
+        first[:len(part)] = response_starts[start:start + chunk]
         for i, ids in enumerate(part):
             tokens[i, :len(ids)], last[i] = ids, len(ids) - 1
-        scores.append(np.asarray(score_fn(params, tokens, last))[:len(part)])
+        scores.append(np.asarray(score_fn(params, tokens, last, first))[:len(part)])
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
 def score_texts(score_fn, params, tokenizer, prompts, responses, ended, seq_len: int) -> np.ndarray:
     """Raw RM scores of (prompt, response) texts, tokenized as the RM was trained (prompt + response, + EOS
     when the response ended); sequences are cut to their last seq_len tokens."""
-    sequences = []
+    sequences, starts = [], []
     for prompt, response, done in zip(prompts, responses, ended, strict=True):
-        ids = tokenizer.encode(prompt) + tokenizer.encode(response) + ([tokenizer.eos_id] if done else [])
+        prompt_ids = tokenizer.encode(prompt)
+        ids = prompt_ids + tokenizer.encode(response) + ([tokenizer.eos_id] if done else [])
         sequences.append(ids[-seq_len:])
-    return score_sequences(score_fn, params, sequences, seq_len)
+        starts.append(max(0, len(prompt_ids) - (len(ids) - len(sequences[-1]))))
+    return score_sequences(score_fn, params, sequences, starts, seq_len)
 
 
 def pair_agreement(scores, reference, responses) -> tuple[int, int]:

@@ -73,10 +73,16 @@ def response_logprobs(model, params, tokens, prompt_mask, response_mask, tempera
     return losses.token_logprobs(logits, tokens[:, prompt_mask.shape[1]:]) * response_mask, logits
 
 
+def response_starts(prompt_mask):
+    """[B] index of the first response token: prompts are left-padded to prompt_mask's width."""
+    return jnp.full(prompt_mask.shape[:1], prompt_mask.shape[1], jnp.int32)
+
+
 def response_values(value_model, params, tokens, prompt_mask, response_mask):
     """V(s_t) [B, N]: the value head at the column before each response token."""
     positions, valid = sequence_inputs(prompt_mask, response_mask)
-    values = value_model.apply({"params": params}, tokens[:, :-1], None, positions[:, :-1], valid[:, :-1])
+    values = value_model.apply({"params": params}, tokens[:, :-1], None, positions[:, :-1], valid[:, :-1],
+                               response_starts(prompt_mask))
     return values[:, prompt_mask.shape[1] - 1:] * response_mask
 
 
@@ -84,7 +90,7 @@ def reward_scores(reward_model, params, tokens, prompt_mask, response_mask, bias
     """RM score − bias [B], read at each response's last token (EOS, or the last of one that never ended)."""
     positions, valid = sequence_inputs(prompt_mask, response_mask)
     last = prompt_mask.shape[1] + jnp.maximum(response_mask.sum(axis=-1).astype(jnp.int32), 1) - 1
-    return reward_model.apply({"params": params}, tokens, last, positions, valid) - bias
+    return reward_model.apply({"params": params}, tokens, last, positions, valid, response_starts(prompt_mask)) - bias
 
 
 def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_params, value_params, ref_params,

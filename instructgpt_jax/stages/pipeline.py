@@ -119,12 +119,14 @@ def evaluate(config, workdir: str) -> tuple[dict, list]:
     mesh = sharding.make_mesh(c)
     tokenizer = common.load_tokenizer(c)
     policy_model = steps.build_model(c)
-    value_model = heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model))
+    e = config.evaluation
+    # The scorer reads the RM's params as the value model's (no PPO value is needed to compare policies).
+    value_model = (heads.reward_model_of(os.path.join(workdir, "rm"), c.reward_model) if e.prompts
+                   else heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model)))
     init = ppo.init_state_fn(policy_model, value_model, steps.make_ppo_optimizer(c),
                              c.ppo.prompt_len + c.ppo.max_new_tokens, ema=c.ppo.ema_decay > 0)
     abstract, shardings = sharding.abstract_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(c.seed))
     policies = load_policies(config, workdir, abstract.params["policy"])
-    e = config.evaluation
     ordered = {name: policies[name] for name in ("sft",) + tuple(p for p in POLICIES if p != "sft") if name in policies}
     results, rows = {}, []
     if e.prompts:

@@ -22,7 +22,7 @@ import numpy as np
 
 from instructgpt_jax import configs, losses
 from instructgpt_jax.data import pipeline, sources, tasks
-from instructgpt_jax.errors import ConfigError
+from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.eval import gold, perplexity
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import rollout, sampling
@@ -139,6 +139,19 @@ def init_state_fn(policy_model, value_model, tx, seq_len: int, ema: bool):
                           ema_params=jax.tree.map(jnp.copy, params["policy"]) if ema else None)
 
     return init
+
+
+def value_model_for(config, workdir: str) -> heads.RewardModel:
+    """The value model: the reward model's architecture (InstructGPT initialises it from the RM), its score
+    form read from init.value's record; a dry run without a finished RM there assumes "final_token"."""
+    path = sft.resolve_stage_path(config.init.value, workdir)
+    if config.dry_run and not os.path.isfile(os.path.join(path, heads.REWARD_BIAS_FILE)):
+        common.log(f"ppo: no reward-model record in {path}; the dry run assumes score='final_token'")
+        return heads.RewardModel(gpt.GPTConfig.from_config(config.reward_model))
+    try:
+        return heads.reward_model_of(path, config.reward_model)
+    except CheckpointError as e:
+        raise CheckpointError(f"init.value: {e}") from e
 
 
 def reward_config(config):
@@ -321,16 +334,21 @@ def abstract_minibatch(config) -> dict:
 def run(config, workdir: str):
     validate_ppo_config(config)
     policy_model = steps.build_model(config)
-    value_model = heads.RewardModel(gpt.GPTConfig.from_config(config.reward_model))
     tx = steps.make_ppo_optimizer(config)
     seq_len = config.ppo.prompt_len + config.ppo.max_new_tokens
-    init = init_state_fn(policy_model, value_model, tx, seq_len, ema=config.ppo.ema_decay > 0)
     if config.dry_run:
+        value_model = value_model_for(config, workdir)
+        init = init_state_fn(policy_model, value_model, tx, seq_len, ema=config.ppo.ema_decay > 0)
         return common.dry_run(config, init, lambda mesh, sh: steps.make_ppo_step(config, policy_model, value_model,
                                                                                   mesh, sh), abstract_minibatch(config))
     paths = {key: sft.require_checkpoint(sft.resolve_stage_path(config.init[key], workdir), f"init.{key}")
              for key in ("policy", "reference", "reward", "value")}
-    heads.read_bias(paths["reward"])  # fail before any work if the RM has not finished
+    reward_score = heads.read_record(paths["reward"])["score"]  # fail before any work if the RM has not finished
+    value_model, value_bias = value_model_for(config, workdir), heads.read_bias(paths["value"])
+    if reward_score != value_model.score:
+        raise ConfigError(f"init.reward={config.init.reward!r} scores {reward_score!r} but init.value="
+                          f"{config.init.value!r} has {value_model.score!r}: the value model takes the RM's form")
+    init = init_state_fn(policy_model, value_model, tx, seq_len, ema=config.ppo.ema_decay > 0)
     if not config.data.prompts.path:
         config.data.prompts.path = default_prompts(config)
         common.log(f"prompts: embedded default {config.data.prompts.path}")
@@ -353,7 +371,7 @@ def run(config, workdir: str):
 
     def fresh_state():
         state = sharding.sharded_init(init, mesh, rules, rng)[0]
-        params = {"policy": load("policy", "policy"), "value": load("value", "value")}
+        params = {"policy": load("policy", "policy"), "value": heads.fold_bias(load("value", "value"), value_bias)}
         common.log(f"ppo: policy from {paths['policy']}, value from {paths['value']}")
         ema = jax.tree.map(jnp.copy, params["policy"]) if state.ema_params is not None else None
         return state.replace(params=params, ema_params=ema)

@@ -44,6 +44,8 @@ def validate_rm_config(config) -> None:
                           f"min(rm.max_responses={r.max_responses}, {tasks.MAX_RESPONSES})")
     if r.samples not in SAMPLE_KINDS:
         raise ConfigError(f"rm.samples={r.samples!r}: expected one of {SAMPLE_KINDS}")
+    if r.score not in heads.SCORES:
+        raise ConfigError(f"rm.score={r.score!r}: expected one of {heads.SCORES}")
     if r.epochs <= 0 or r.num_prompts <= 0:
         raise ConfigError(f"rm.epochs={r.epochs} and rm.num_prompts={r.num_prompts}: must be positive")
     if r.best_of_n_prompts < 0 or (r.best_of_n_prompts and (not r.best_of_n or min(r.best_of_n) < 1)):
@@ -137,8 +139,10 @@ def default_comparisons(config, workdir: str, mesh, tokenizer) -> str:
 
 
 def make_score_fn(model: heads.RewardModel, config, mesh):
-    """Jitted (params, tokens [N, T], last_index [N]) -> raw scores [N] under the config's sharding rules."""
-    fn = jax.jit(lambda params, tokens, last: model.apply({"params": params}, tokens, last))
+    """Jitted (params, tokens [N, T], last_index [N], response_start [N]) -> raw scores [N] under the config's
+    sharding rules."""
+    fn = jax.jit(lambda params, tokens, last, first: model.apply({"params": params}, tokens, last,
+                                                                 response_start=first))
     return sharding.with_sharding_context(fn, mesh, sharding.rules(config))
 
 
@@ -146,7 +150,7 @@ def held_out_metrics(config, score_fn, params, tokenizer, built) -> dict:
     """Pairwise accuracy on held-out comparisons (vs the labels), agreement with the gold scorer, and
     how often the labels themselves agree with gold, over non-identical (and, for gold, non-tied) pairs."""
     seq_len, k_max = config.train.seq_len, config.rm.max_responses
-    kept_records, sequences = [], []
+    kept_records, sequences, starts = [], [], []
     for record in pipeline.comparison_records(built, "validation"):
         example, kept = pipeline.tokenize_comparison(record, tokenizer, seq_len, k_max, "held-out comparison")
         if example is None:
@@ -154,7 +158,8 @@ def held_out_metrics(config, score_fn, params, tokenizer, built) -> dict:
         kept_records.append({"prompt": record["prompt"], "responses": [record["responses"][i] for i in kept],
                              "ended": [record["ended"][i] for i in kept]})
         sequences += [list(example["tokens"][i, :example["last_index"][i] + 1]) for i in range(len(kept))]
-    scores = score_sequences(score_fn, params, sequences, seq_len)
+        starts += list(example["response_start"][:len(kept)])
+    scores = score_sequences(score_fn, params, sequences, starts, seq_len)
     counts = np.zeros((3, 2), np.int64)  # rows: RM vs labels, RM vs gold, labels vs gold
     offset = 0
     for rec in kept_records:
@@ -180,12 +185,18 @@ def labeler_ceiling(config) -> float:
                                    noise=config.labeler.noise)
 
 
-def demonstration_sequences(config, tokenizer) -> list[list[int]]:
-    """prompt + completion + EOS of the held-out (validation) demonstrations that fit in seq_len."""
+def demonstration_sequences(config, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """(prompt + completion + EOS, prompt length) of the held-out (validation) demonstrations that fit in
+    seq_len."""
     built = sources.build_jsonl_source("demonstrations", config.data)
-    sequences = [pipeline.response_tokens(tokenizer.encode(d["prompt"]), tokenizer.encode(d["completion"]), True,
-                                          tokenizer.eos_id) for d in sources.read_examples(built, "validation")]
-    return [s for s in sequences if len(s) <= config.train.seq_len]
+    sequences, starts = [], []
+    for d in sources.read_examples(built, "validation"):
+        prompt = tokenizer.encode(d["prompt"])
+        ids = pipeline.response_tokens(prompt, tokenizer.encode(d["completion"]), True, tokenizer.eos_id)
+        if len(ids) <= config.train.seq_len:
+            sequences.append(ids)
+            starts.append(len(prompt))
+    return sequences, starts
 
 
 def best_of_n_evaluation(config, mesh, tokenizer, reward_fn: heads.RewardFunction, policy_dir: str) -> dict:
@@ -215,7 +226,7 @@ def best_of_n_evaluation(config, mesh, tokenizer, reward_fn: heads.RewardFunctio
 def abstract_batch(config) -> dict:
     b, k, t = config.train.batch_size, config.rm.max_responses, config.train.seq_len
     return {"tokens": jax.ShapeDtypeStruct((b, k, t), np.int32), "last_index": jax.ShapeDtypeStruct((b, k), np.int32),
-            "num_responses": jax.ShapeDtypeStruct((b,), np.int32)}
+            "response_start": jax.ShapeDtypeStruct((b, k), np.int32), "num_responses": jax.ShapeDtypeStruct((b,), np.int32)}
 
 
 def rm_eval(eval_step, batches, n_batches: int, to_device, state) -> dict:
@@ -226,7 +237,7 @@ def rm_eval(eval_step, batches, n_batches: int, to_device, state) -> dict:
 
 def run(config, workdir: str):
     validate_rm_config(config)
-    model = heads.RewardModel(gpt.GPTConfig.from_config(config.model))
+    model = heads.RewardModel(gpt.GPTConfig.from_config(config.model), score=config.rm.score)
     init = steps.init_state_fn(model, make_optimizer(config.optim), config.train.seq_len)
     if config.dry_run:
         return common.dry_run(config, init, lambda mesh, sh: steps.make_rm_step(config, model, mesh, sh),
@@ -275,10 +286,10 @@ def run(config, workdir: str):
         eval_fn=eval_fn, tokens_per_batch=sequences * config.train.seq_len)
 
     score_fn = make_score_fn(model, config, mesh)
-    demos = demonstration_sequences(config, tokenizer)
-    demo_scores = score_sequences(score_fn, state.params, demos, config.train.seq_len)
+    demos, demo_starts = demonstration_sequences(config, tokenizer)
+    demo_scores = score_sequences(score_fn, state.params, demos, demo_starts, config.train.seq_len)
     bias = float(demo_scores.mean())
-    heads.write_bias(workdir, bias, demonstrations=len(demo_scores), step=int(state.step),
+    heads.write_bias(workdir, bias, config.rm.score, demonstrations=len(demo_scores), step=int(state.step),
                      source=config.data.demonstrations.path)
     metrics = held_out_metrics(config, score_fn, state.params, tokenizer, built)
     metrics.update(bias=bias, demonstrations_mean_after_bias=float((demo_scores - bias).mean()),

@@ -218,7 +218,8 @@ def reward_of_samples(reward_fn, prompt_mask, output):
 
     valid = np.concatenate([np.asarray(prompt_mask), np.asarray(output.response_mask) > 0], axis=1)
     last = prompt_mask.shape[1] + np.asarray(output.lengths) - 1
-    return np.asarray(reward_fn(output.tokens, last, sampling.positions_from_mask(valid), valid))
+    first = np.full(len(last), prompt_mask.shape[1], np.int32)
+    return np.asarray(reward_fn(output.tokens, last, sampling.positions_from_mask(valid), valid, first))
 
 
 def mean_greedy_reward(sampler, reward_fn, params, prompt_ids, config) -> float:

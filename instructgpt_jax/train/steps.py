@@ -196,12 +196,13 @@ def make_sft_eval_step(config, model, mesh, params_shardings):
 
 
 def rm_loss(model) -> LossFn:
-    """Reward model: batch {"tokens" [B, K, T], "last_index" [B, K], "num_responses" [B]}, responses
-    best first; all B·K sequences in one forward pass, the C(K,2) pairwise loss per prompt (eq. 1)."""
+    """Reward model: batch {"tokens" [B, K, T], "last_index", "response_start" [B, K], "num_responses" [B]},
+    responses best first; all B·K sequences in one forward pass, the C(K,2) pairwise loss per prompt (eq. 1)."""
     from instructgpt_jax.models import heads
 
     def loss_fn(params, batch, rng):
-        scores = heads.sequence_scores(model.apply, params, batch["tokens"], batch["last_index"], rng)
+        scores = heads.sequence_scores(model.apply, params, batch["tokens"], batch["last_index"],
+                                       batch["response_start"], rng)
         n = batch["num_responses"]
         valid = jnp.arange(scores.shape[1])[None] < n[:, None]
         mean = (scores * valid).sum() / jnp.maximum(valid.sum(), 1)
