@@ -342,6 +342,14 @@ def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stag
     assert not os.path.exists(earlier_stages / "ppo_mixed")  # refused before any work
 
 
+def test_ppo_dry_run_without_a_finished_rm_assumes_the_final_token_form(env, capsys):
+    c = ppo_config(env)
+    c.dry_run = True
+    plan = ppo.run(c, "/nonexistent/never/created/ppo")
+    assert plan["params_gib"] > 0 and not os.path.exists("/nonexistent")
+    assert "the dry run assumes score='final_token'" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("ppo.minibatch_size", 3, "not divisible by ppo.minibatch_size"),
     ("ppo.max_new_tokens", 200, "exceeds model.max_len"),
