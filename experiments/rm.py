@@ -25,7 +25,8 @@ def get_config(arg=None):
         epochs=arg.epochs or 1,  # App. C.2: a single epoch; more epochs overfit
         samples=arg.samples,  # default comparisons: "policy" (SFT samples) or "simulated" (tasks.py)
         # "final_token": §3.5's scalar projection of the final token. "final_token+loglik" adds w·log p(response |
-        # prompt) under the trunk's own tied unembedding (models/heads.py; w learned, starting at 1).
+        # prompt) under the trunk's own tied unembedding (models/heads.py; w learned, starting at 1);
+        # "final_token+sft_loglik" takes that likelihood from a frozen copy of the SFT model.
         score="final_token",
         sample_policy=c.init.get_ref("params"),  # the policy whose samples are ranked
         num_prompts=33_000,  # §3.5 / Table 6: ~33k training prompts for the RM

@@ -14,6 +14,7 @@ from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import rollout, sampling
 from instructgpt_jax.stages import ppo, rm
 from instructgpt_jax.train import checkpoint, sharding, steps
+from instructgpt_jax.train.state import FROZEN_KEY
 from test_sft import experiment_config, save_initial_model, stage_config, write_tokenizer
 
 
@@ -321,23 +322,31 @@ def test_ppo_with_the_gold_reward_trains_and_still_reports_the_rm_score(env, ear
 
 
 def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stages):
-    """An RM trained with the log-likelihood term: PPO's value model and evaluation follow its record; a value
-    initialised from an RM of the other form is refused with one error naming both keys."""
+    """An RM trained with the frozen SFT likelihood term: PPO's value model and evaluation follow its record,
+    and the value's frozen copy is still the RM's after an update; a value initialised from an RM of the
+    other form is refused with one error naming both keys."""
     root, tokenizer_path = env
     c = stage_config("rm", root, tokenizer_path)
     c.labeler.num_demonstrations, c.rm.ceiling_prompts, c.rm.best_of_n_prompts = 200, 50, 0
-    c.rm.score = "final_token+loglik"
+    c.rm.score = "final_token+sft_loglik"
     c.data.comparisons.path = json.load(open(earlier_stages / "rm" / "config.json"))["data"]["comparisons"]["path"]
     rm.run(c, str(earlier_stages / "rm_loglik"))
-    assert heads.read_record(str(earlier_stages / "rm_loglik"))["score"] == "final_token+loglik"
+    assert heads.read_record(str(earlier_stages / "rm_loglik"))["score"] == "final_token+sft_loglik"
     loglik = dict(reward="{workdir}/../rm_loglik", value="{workdir}/../rm_loglik")
     pc = ppo_config(env, iterations=1)
     pc.init.update(loglik)
     result = ppo.run(pc, str(earlier_stages / "ppo_loglik"))
     assert np.isfinite(result["ppo"]["sampled"]["rm_score"]["mean"])
+    value = ppo.value_model_for(pc, str(earlier_stages / "ppo_loglik"))
+    init = ppo.init_state_fn(steps.build_model(pc), value, steps.make_ppo_optimizer(pc), 32, ema=True)
+    abstract, _ = sharding.abstract_init(init, sharding.make_mesh(pc), sharding.rules(pc), jax.random.PRNGKey(0))
+    trained = checkpoint.Checkpointer(str(earlier_stages / "ppo_loglik")).restore(abstract)[0].params["value"]
+    loaded = checkpoint.load_params(str(earlier_stages / "rm_loglik"), abstract.params["value"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 trained[FROZEN_KEY], loaded[FROZEN_KEY])
     mixed = ppo_config(env, iterations=1)
     mixed.init.value = "{workdir}/../rm_loglik"
-    with pytest.raises(ConfigError, match=r"init.reward=.* scores 'final_token' but init.value=.* 'final_token\+loglik'"):
+    with pytest.raises(ConfigError, match=r"init.reward=.* scores 'final_token' but init.value=.* 'final_token\+sft_loglik'"):
         ppo.run(mixed, str(earlier_stages / "ppo_mixed"))
     assert not os.path.exists(earlier_stages / "ppo_mixed")  # refused before any work
 

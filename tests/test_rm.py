@@ -15,7 +15,7 @@ from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import sampling
 from instructgpt_jax.stages import rm
 from instructgpt_jax.train import sharding, steps
-from instructgpt_jax.train.state import make_optimizer
+from instructgpt_jax.train.state import FROZEN_KEY, make_optimizer
 from test_sft import experiment_config, save_initial_model, stage_config, write_tokenizer
 from test_train import LAYOUTS, assert_same_update, stage_step_on_devices
 
@@ -163,6 +163,37 @@ def test_loglik_score_adds_the_weighted_log_likelihood_of_the_response_only(logl
     assert float(from_left[0]) == pytest.approx(score, abs=1e-4)
     with pytest.raises(ValueError, match="needs response_start"):
         model.apply({"params": params}, tokens, jnp.array([5]))
+
+
+def test_sft_loglik_score_reads_the_frozen_copy_which_no_rm_step_changes(env):
+    c = stage_config("rm", *env)
+    c.optim.lr = 3e-3
+    model = heads.RewardModel(gpt.GPTConfig.from_config(c.model), score="final_token+sft_loglik")
+    mesh = sharding.make_mesh(c)
+    init = steps.init_state_fn(model, make_optimizer(c.optim), c.train.seq_len)
+    state, shardings = sharding.sharded_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
+    frozen = nn.meta.unbox(state.params[FROZEN_KEY])
+    # The term is w · log p(response | prompt) under the frozen copy, not under the trunk.
+    tokens = jnp.zeros((1, c.train.seq_len), jnp.int32).at[0, :6].set(jnp.array([5, 17, 29, 41, 7, 1]))
+    logprobs = jax.nn.log_softmax(gpt.GPT(model.cfg).apply({"params": frozen}, tokens)[0], axis=-1)
+    loglik = sum(float(logprobs[s - 1, tokens[0, s]]) for s in range(3, 6))
+    params = nn.meta.unbox(state.params)
+    with_term = float(model.apply({"params": params}, tokens, jnp.array([5]), None, None, jnp.array([3]))[0])
+    without = float(model.apply({"params": {**params, "loglik_weight": jnp.float32(0.0)}}, tokens, jnp.array([5]),
+                                None, None, jnp.array([3]))[0])
+    assert with_term - without == pytest.approx(loglik, abs=1e-4)
+    # AdamW with weight decay: the trunk moves, the frozen copy does not (no gradient, no decay).
+    frozen, trunk = jax.device_get(frozen), jax.device_get(params["trunk"])  # the step donates the state
+    step = steps.make_rm_step(c, model, mesh, shardings)
+    to_device = lambda b: pipeline.to_global_batch(b, sharding.batch_sharding(mesh))  # noqa: E731
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        state, _ = step(state, to_device(planted_batch(rng, c.train.batch_size, c.train.seq_len)))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 nn.meta.unbox(state.params[FROZEN_KEY]), frozen)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         nn.meta.unbox(state.params["trunk"]), trunk)
+    assert max(jax.tree.leaves(moved)) > 0
 
 
 def test_reward_record_carries_the_score_form_and_folds_into_the_value_head(tmp_path, loglik_model):

@@ -7,7 +7,10 @@ SFT model's tied unembedding and adds w · log p(response | prompt) under it, w 
 the RM starts out as the SFT model's own likelihood of the response (plus the head) and the comparisons
 train both terms. On the tiny task suite it ranks responses far better than the final-token RM (agreement
 with gold 0.751 vs 0.648), but PPO raises its score without raising gold (README, Results), so it is an
-option, not the default. It forms the full [sequences, T, vocab] logits: meant for small vocabularies.
+option, not the default. `score="final_token+sft_loglik"` takes the likelihood from a frozen copy of the
+SFT model instead (params under train.state.FROZEN_KEY: no gradient, no weight decay), so the term cannot
+drift with the trunk; in PPO it equals w · log π_ref. Both forms build the full [sequences, T, vocab]
+logits: meant for small vocabularies.
 
 After training, a bias is subtracted so that the labelers' demonstrations score 0 on average (§3.5); it is
 stored beside the checkpoint in REWARD_BIAS_FILE with the score's form and applied by
@@ -30,7 +33,7 @@ from instructgpt_jax.errors import CheckpointError
 from instructgpt_jax.models import gpt
 
 REWARD_BIAS_FILE = "reward_bias.json"  # {"bias", "score", ...}
-SCORES = ("final_token", "final_token+loglik")
+SCORES = ("final_token", "final_token+loglik", "final_token+sft_loglik")
 
 
 class ScalarHead(nn.Module):
@@ -47,8 +50,9 @@ class ScalarHead(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """GPT trunk (params under "trunk", the layout of a GPT checkpoint) + ScalarHead (under "head"), and for
-    score="final_token+loglik" the scalar "loglik_weight".
+    """GPT trunk (params under "trunk", the layout of a GPT checkpoint) + ScalarHead (under "head"); with a
+    likelihood term the scalar "loglik_weight", and for score="final_token+sft_loglik" a frozen GPT under
+    "frozen_reference" (the RM stage loads the SFT checkpoint into it and into "trunk").
 
     With last_index [B] returns the score at that token [B] (the EOS, or the last token of a response
     that never ended); without it, a score per position [B, T] (a value function's shape): there the
@@ -64,8 +68,10 @@ class RewardModel(nn.Module):
             raise ValueError(f"reward model score {self.score!r}; expected one of {SCORES}")
         self.trunk = gpt.GPT(self.cfg)
         self.head = ScalarHead(self.cfg.d_model)
-        if self.score == "final_token+loglik":
+        if self.score != "final_token":
             self.loglik_weight = self.param("loglik_weight", nn.with_logical_partitioning(nn.initializers.ones, ()), ())
+        if self.score == "final_token+sft_loglik":  # params under train.state.FROZEN_KEY: never updated
+            self.frozen_reference = gpt.GPT(self.cfg)
 
     def __call__(self, tokens, last_index=None, positions=None, kv_valid=None, response_start=None, *,
                  deterministic=True):
@@ -76,9 +82,13 @@ class RewardModel(nn.Module):
             return self.head(h)
         if response_start is None:
             if not self.is_initializing():
-                raise ValueError("score='final_token+loglik' needs response_start (where each response begins)")
+                raise ValueError(f"score={self.score!r} needs response_start (where each response begins)")
             response_start = jnp.zeros(tokens.shape[:1], jnp.int32)
-        loglik = cumulative_response_loglik(self.trunk.unembed(h), tokens, kv_valid, response_start)
+        if self.score == "final_token+sft_loglik":
+            logits = jax.lax.stop_gradient(self.frozen_reference(tokens, positions, kv_valid, deterministic=True))
+        else:
+            logits = self.trunk.unembed(h)
+        loglik = cumulative_response_loglik(logits, tokens, kv_valid, response_start)
         scores = self.head(h) + self.loglik_weight * loglik
         if last_index is not None:
             scores = jnp.take_along_axis(scores, last_index[:, None].astype(jnp.int32), axis=1)[:, 0]

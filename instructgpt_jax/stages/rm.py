@@ -29,7 +29,7 @@ from instructgpt_jax.eval.rm_accuracy import pair_agreement, score_sequences
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.stages import common, sft
 from instructgpt_jax.train import checkpoint, loop, sharding, steps
-from instructgpt_jax.train.state import make_optimizer
+from instructgpt_jax.train.state import FROZEN_KEY, make_optimizer
 
 EVAL_FILE = "rm_eval.json"
 SAMPLE_KINDS = ("policy", "simulated")
@@ -268,7 +268,10 @@ def run(config, workdir: str):
         state = sharding.sharded_init(init, mesh, rules, rng)[0]
         common.log(f"rm: trunk from {init_path}")
         trunk = checkpoint.load_params(init_path, abstract_state.params["trunk"])
-        return state.replace(params={**state.params, "trunk": trunk})
+        params = {**state.params, "trunk": trunk}
+        if FROZEN_KEY in params:  # score="final_token+sft_loglik": the SFT model, kept as loaded
+            params[FROZEN_KEY] = jax.tree.map(jnp.copy, trunk)  # own buffers: the step donates the state
+        return state.replace(params=params)
 
     state, data_state, start = loop.init_or_restore(checkpointer, init=fresh_state, abstract=lambda: abstract_state,
                                                     log=common.log)

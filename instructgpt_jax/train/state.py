@@ -30,9 +30,17 @@ def learning_rate_schedule(optim_cfg) -> optax.Schedule:
     )
 
 
+# Params under a key of this name are frozen: the model stops their gradient and they get no weight decay,
+# so AdamW leaves them exactly as loaded (a reward model's copy of the SFT policy, models/heads.py).
+FROZEN_KEY = "frozen_reference"
+
+
 def decay_mask(params):
-    """Weight decay on matrices only (not biases, LayerNorm gains)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices only (not biases, LayerNorm gains), and never on frozen params."""
+    def decays(path, p):
+        return p.ndim >= 2 and not any(getattr(k, "key", None) == FROZEN_KEY for k in path)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
