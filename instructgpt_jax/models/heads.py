@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instructgpt_jax import losses
 from instructgpt_jax.errors import CheckpointError
 from instructgpt_jax.models import gpt
 
@@ -98,8 +99,7 @@ class RewardModel(nn.Module):
 def cumulative_response_loglik(logits, tokens, kv_valid, response_start):
     """[B, T]: Σ log softmax(logits[s − 1])[tokens[s]] over response positions response_start <= s <= t
     (valid ones, with a valid predecessor) — the log-likelihood of the response so far at each position."""
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None].astype(jnp.int32),
-                                   axis=-1)[..., 0]
+    logprobs = losses.token_logprobs(logits[:, :-1], tokens[:, 1:].astype(jnp.int32))
     counted = jnp.arange(1, tokens.shape[1])[None] >= jnp.asarray(response_start)[:, None]
     if kv_valid is not None:
         counted = counted & kv_valid[:, 1:] & kv_valid[:, :-1]
