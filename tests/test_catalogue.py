@@ -219,8 +219,9 @@ def workdir_not_writable(env, tmp, copy, monkeypatch):
 
 @case
 def checkpoint_of_a_different_model_shape(env, tmp, copy, monkeypatch):
-    return env.pretrain_args(env.pretrain, "--config.model.n_layers=3"), \
-        rf"checkpoint {env.pretrain}/checkpoints/4 does not match this config's model"
+    return env.pretrain_args(copy, "--config.model.n_layers=3"), \
+        rf"checkpoint {copy}/checkpoints/4 does not match this config's model.*config keys changed since the run " \
+        r"that wrote it: model\.n_layers: 2 -> 3 \(its config\.json is kept"
 
 
 @case
@@ -412,6 +413,25 @@ def test_bad_input_is_one_clean_line_and_leaves_checkpoints_alone(env, tmp_path,
         code, err = call_main(args, out)
         assert code == 0 and f"resuming from {copy}/checkpoints/4" in out.getvalue(), err[-3000:]
         assert finished_steps(copy) == ["2", "4", "6"] and not any("tmp" in d for d in os.listdir(f"{copy}/checkpoints"))
+
+
+def test_failed_resume_keeps_the_config_of_the_run_that_wrote_the_checkpoints(env, tmp_path):
+    copy = env.copy_pretrain(tmp_path / "copy")
+    config, previous = os.path.join(copy, "config.json"), os.path.join(copy, "config.previous.json")
+    with open(config, "rb") as f:
+        written = f.read()
+    code, err = call_main(env.pretrain_args(copy, "--config.model.n_layers=3", "--config.model.d_model=96"))
+    assert code == 2 and "model.d_model: 64 -> 96; model.n_layers: 2 -> 3" in err, err[-3000:]
+    with open(config, "rb") as f:
+        assert f.read() == written  # the new config never ran: config.json still describes the checkpoints
+    assert not os.path.exists(previous)
+    # A resume that works under a changed key writes the new config and keeps the earlier one beside it.
+    code, err = call_main(env.pretrain_args(copy, "--config.train.steps=6"))
+    assert code == 0, err[-3000:]
+    with open(previous, "rb") as f:
+        assert f.read() == written
+    with open(config) as f:
+        assert json.load(f)["train"]["steps"] == 6
 
 
 def test_catalogue_is_complete():

@@ -1,6 +1,7 @@
 """What every stage does first: validate, write config.json, mesh, tokenizer, writer, checkpointer."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,19 +31,66 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def prepare_workdir(config, workdir: str) -> str:
-    """Creates the workdir (clear error if impossible) and writes config.json into it."""
+CONFIG_FILE = "config.json"
+PREVIOUS_CONFIG_FILE = "config.previous.json"  # the config of the run before, when this one's differs
+
+
+def prepare_workdir(config, workdir: str, *, update: bool = False) -> str:
+    """Creates the workdir (clear error if impossible) and writes config.json into it. A different
+    config.json already there (the run that wrote the workdir's checkpoints) is kept as
+    config.previous.json, so that a resume that fails can name the changed keys and put it back.
+    update=True rewrites the config.json this run already wrote (keys resolved since)."""
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir}: exists and is not a directory")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    path = os.path.join(workdir, CONFIG_FILE)
     try:
         os.makedirs(workdir, exist_ok=True)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+            if not update and os.path.exists(path) and _read(path) != text:
+                os.replace(path, os.path.join(workdir, PREVIOUS_CONFIG_FILE))
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
     except OSError as e:
         raise ConfigError(f"--workdir={workdir}: cannot write there ({e.strerror or e})") from e
     return workdir
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _flat(tree, path: tuple = ()) -> dict:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, (*path, key)).items()}
+    return {".".join(path): tree}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every leaf that differs (keys only in one side included), sorted."""
+    a, b = _flat(old), _flat(new)
+    missing = "(absent)"
+    return [f"{key}: {a.get(key, missing)!r} -> {b.get(key, missing)!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key, missing) != b.get(key, missing)]
+
+
+def restore_mismatch_hint(workdir: str, limit: int = 5) -> str:
+    """For a checkpoint that does not restore under this run's config: the config keys changed since
+    the run that wrote the workdir, and that run's config.json put back (this config never ran)."""
+    path, previous = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, PREVIOUS_CONFIG_FILE)
+    try:
+        changes = config_changes(json.loads(_read(previous)), json.loads(_read(path)))
+    except (OSError, ValueError):  # no earlier config (or not JSON): nothing to compare
+        return ""
+    if jax.process_index() == 0:
+        os.replace(previous, path)
+    if not changes:
+        return ""
+    more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
+    return (f"; config keys changed since the run that wrote it: {'; '.join(changes[:limit])}{more} "
+            f"(its {CONFIG_FILE} is kept; use another --workdir for the new config)")
 
 
 def load_tokenizer(config):
@@ -74,7 +122,8 @@ def setup(config, workdir: str):
     log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{jax.process_count()} process(es)")
     writer = MetricWriter(workdir, config.stage)
-    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints)
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints,
+                                mismatch_hint=functools.partial(restore_mismatch_hint, workdir))
     return workdir, mesh, writer, checkpointer
 
 

@@ -258,7 +258,7 @@ def run(config, workdir: str):
     per_epoch = max(1, len(built.split("train")) // config.train.batch_size)
     config.train.steps = config.rm.epochs * per_epoch  # App. C.2: one epoch; more overfit
     config.optim.decay_steps = config.train.steps
-    common.prepare_workdir(config, workdir)  # config.json with the resolved data path and steps
+    common.prepare_workdir(config, workdir, update=True)  # config.json with the resolved data path and steps
     common.log(f"rm: {len(built.split('train'))} train prompts, {config.rm.epochs} epoch(s) x {per_epoch} steps")
 
     rules, rng = sharding.rules(config), jax.random.PRNGKey(config.seed)

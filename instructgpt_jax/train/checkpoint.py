@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging as pylogging
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -69,8 +69,12 @@ def first_line(e: BaseException) -> str:
 class Checkpointer:
     """A thin CheckpointManager wrapper: keep-N, async saves, state + JSON data-iterator state."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+                 mismatch_hint: Callable[[], str] | None = None):
+        """mismatch_hint: called when no checkpoint restores; its text is appended to the error (the
+        stages name the config keys changed since the run that wrote the checkpoints)."""
         self.directory = checkpoint_dir(workdir)
+        self.mismatch_hint = mismatch_hint
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                                cleanup_tmp_directories=True)
         try:
@@ -104,6 +108,16 @@ class Checkpointer:
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into abstract_state's shapes and shardings; names the directory on mismatch."""
+        try:
+            return self._restore(abstract_state, step)
+        except CheckpointError as e:
+            raise self._hinted(e) from e.__cause__
+
+    def _hinted(self, error: CheckpointError) -> CheckpointError:
+        hint = self.mismatch_hint() if self.mismatch_hint else ""
+        return CheckpointError(f"{error}{hint}") if hint else error
+
+    def _restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -128,7 +142,7 @@ class Checkpointer:
         first_error = None
         for step in steps:
             try:
-                state, data_state = self.restore(abstract_state, step)
+                state, data_state = self._restore(abstract_state, step)
             except CheckpointError as e:
                 first_error = first_error or e
                 continue
@@ -138,7 +152,7 @@ class Checkpointer:
             if unreadable:
                 self.manager.reload()
             return state, data_state, step
-        raise first_error
+        raise self._hinted(first_error) from first_error.__cause__
 
     def _move_aside(self, step: int, log) -> None:
         path = os.path.join(self.directory, str(step))
