@@ -43,6 +43,10 @@ def get_config(arg=None):
         kl_target=6.0,              # nats per sequence, for the adaptive controller
         kl_horizon=10_000,          # episodes
         whiten_rewards=False,
+        baseline="value",           # "value": GAE on the RM-initialised value model (InstructGPT); "leave_one_out":
+                                    # RLOO (Ahmadian et al. 2024): a response's return minus the mean of its prompt's
+                                    # other samples, no value model
+        samples_per_prompt=1,       # responses per prompt in a batch (batch_size / k prompts); >= 2 for leave_one_out
         no_eos_penalty=0.0,         # subtracted from the RM score of responses that never end
         reward="model",             # "model": the RM; "gold": the task suite's gold score (oracle-reward upper bound)
         ptx_coef=27.8 if arg.variant == "ppo_ptx" else 0.0,  # γ of PPO-ptx (§3.5 eq. 2)

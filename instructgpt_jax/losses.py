@@ -256,6 +256,19 @@ def generalized_advantages(rewards, values, response_mask, gamma: float = 1.0, l
     return advantages, (advantages + values) * mask
 
 
+def leave_one_out_advantages(rewards, response_mask, group: int):
+    """RLOO's baseline (Kool et al. 2019; Ahmadian et al. 2024, eq. 5): each response's return Σ_t r_t minus
+    the mean return of the other group − 1 responses to the same prompt, as the advantage of every one of its
+    tokens. Rows g·k … g·k + k − 1 (k = group >= 2) share a prompt.
+
+    rewards, response_mask [B, N]. Returns (advantages [B, N], returns [B])."""
+    mask = response_mask.astype(jnp.float32)
+    returns = (rewards * mask).sum(axis=-1)
+    grouped = returns.reshape(-1, group)
+    others = (grouped.sum(axis=1, keepdims=True) - grouped) / (group - 1)
+    return (grouped - others).reshape(-1)[:, None] * mask, returns
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float = 0.2):
     """Clipped surrogate (Schulman et al. 2017, eq. 7), as a loss, averaged over response tokens.
 

@@ -1,5 +1,6 @@
 """PPO: losses against hand computations and reference loops, rollout scoring, the sharded update, the stage."""
 import json
+from unittest import mock
 import os
 
 import flax.linen as nn
@@ -45,6 +46,19 @@ def test_gae_equals_a_reference_loop(gamma, lam):
     want_adv, want_ret = gae_reference(rewards, values * mask, lengths, gamma, lam)
     np.testing.assert_allclose(advantages, want_adv, atol=1e-5)
     np.testing.assert_allclose(returns, want_ret, atol=1e-5)
+
+
+def test_leave_one_out_advantage_is_the_return_minus_the_mean_of_the_prompts_other_samples():
+    rng = np.random.default_rng(0)
+    lengths = [5, 1, 3, 6, 2, 4]
+    mask = (np.arange(6) < np.array(lengths)[:, None]).astype(np.float32)
+    rewards = rng.normal(size=(6, 6)).astype(np.float32)  # garbage past the end must not count
+    advantages, returns = losses.leave_one_out_advantages(rewards, mask, group=3)
+    want_returns = [(rewards[i] * mask[i]).sum() for i in range(6)]
+    for i in range(6):
+        others = [want_returns[j] for j in range(3 * (i // 3), 3 * (i // 3) + 3) if j != i]
+        np.testing.assert_allclose(advantages[i], (want_returns[i] - np.mean(others)) * mask[i], atol=1e-5)
+    np.testing.assert_allclose(returns, want_returns, atol=1e-5)
 
 
 def test_clipped_surrogate_equals_hand_computed_values():
@@ -321,6 +335,37 @@ def test_ppo_with_the_gold_reward_trains_and_still_reports_the_rm_score(env, ear
     assert 0.0 <= train["gold_score"] <= 1.0 and np.isfinite(train["rm_score"]) and np.isfinite(train["policy_loss"])
 
 
+def test_leave_one_out_ppo_samples_each_prompt_k_times_and_leaves_the_value_model_as_loaded(env, earlier_stages):
+    c = ppo_config(env, iterations=2, baseline="leave_one_out", samples_per_prompt=4, eval_prompts=0)
+    trainer_prompts = []
+    original = ppo.Trainer.gold_of
+
+    def recording_gold_of(self, prompts, output):
+        trainer_prompts.append(prompts)
+        return original(self, prompts, output)
+
+    with mock.patch.object(ppo.Trainer, "gold_of", recording_gold_of):
+        ppo.run(c, str(earlier_stages / "ppo_loo"))
+    for prompts in trainer_prompts:  # 16 episodes: 4 prompts, each on 4 consecutive rows
+        assert len(prompts) == 16 and all(len(set(prompts[i:i + 4])) == 1 for i in range(0, 16, 4))
+        assert len(set(prompts)) > 1
+    rows = [json.loads(line) for line in open(earlier_stages / "ppo_loo" / "metrics.jsonl")]
+    train = [r for r in rows if r["split"] == "train"]
+    assert "value_loss" not in train[-1] and np.isfinite(train[-1]["policy_loss"])
+    assert [r["compilations"] for r in train[1:]] == [0]
+    mesh = sharding.make_mesh(c)
+    value_model = ppo.value_model_for(c, str(earlier_stages / "ppo_loo"))
+    init = ppo.init_state_fn(steps.build_model(c), value_model, steps.make_ppo_optimizer(c), 32, ema=True)
+    abstract, _ = sharding.abstract_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))
+    state = checkpoint.Checkpointer(str(earlier_stages / "ppo_loo")).restore(abstract)[0]
+    rm_params = checkpoint.load_params(str(earlier_stages / "rm"), abstract.params["value"])
+    folded = heads.fold_bias(rm_params, heads.read_record(str(earlier_stages / "rm"))["bias"])
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), state.params["value"], folded)
+    sft_params = checkpoint.load_params(str(earlier_stages / "sft"), abstract.params["policy"])
+    moved = jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), state.params["policy"], sft_params))
+    assert max(moved) > 0
+
+
 def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stages):
     """An RM trained with the frozen SFT likelihood term: PPO's value model and evaluation follow its record,
     and the value's frozen copy is still the RM's after an update; a value initialised from an RM of the
@@ -365,9 +410,12 @@ def test_ppo_dry_run_without_a_finished_rm_assumes_the_final_token_form(env, cap
     ("ppo.overlong_prompts", "cut", "overlong_prompts"),
     ("init.reward", "", "init.reward"),
     ("ppo.reward", "oracle", "ppo.reward"),
+    ("ppo.baseline", "mean", "ppo.baseline"),
+    ("ppo.samples_per_prompt", 3, "ppo.samples_per_prompt=3 must be >= 1 and divide ppo.batch_size=16"),
+    ("ppo.samples_per_prompt", 1, "leave_one_out.*needs ppo.samples_per_prompt >= 2"),
 ])
 def test_bad_ppo_config_names_the_key(env, key, value, message):
-    c = ppo_config(env)
+    c = ppo_config(env, baseline="leave_one_out", samples_per_prompt=2) if "leave_one_out" in message else ppo_config(env)
     section, name = key.split(".")
     c[section][name] = value
     with pytest.raises(ConfigError, match=message):

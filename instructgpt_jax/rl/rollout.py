@@ -5,8 +5,10 @@ EOS). Every model reads it with the same position ids (real tokens only) and pad
 column P−1+t score response token t, and the value there is V(s_t), the state before token t.
 
 `score_rollout` is one pure function (jitted by `make_scorer`): the forward passes of policy, reference,
-value and reward model, then InstructGPT's per-token reward (eq. 2), GAE and advantage whitening. The PPO
-update (`train/steps.make_ppo_step`) reads the same columns through `response_logits`/`response_values`.
+value and reward model, then InstructGPT's per-token reward (eq. 2), GAE and advantage whitening. With
+`ppo.baseline=leave_one_out` RLOO's baseline (the mean return of the prompt's other samples) replaces GAE
+and the value model is not run. The PPO update (`train/steps.make_ppo_step`) reads the same columns
+through `response_logits`/`response_values`.
 """
 from __future__ import annotations
 
@@ -29,12 +31,12 @@ class Rollout:
     response_mask: jax.Array  # [B, N] float32: 1 up to and including EOS
     logprobs: jax.Array       # [B, N] log π_old(y_t) at the sampling temperature
     ref_logprobs: jax.Array   # [B, N] log π_SFT(y_t), same temperature
-    values: jax.Array         # [B, N] V_old(s_t)
+    values: jax.Array         # [B, N] V_old(s_t); 0 with the leave-one-out baseline (no value model)
     scores: jax.Array         # [B] the score rewarded: RM score − bias (or the external score) − no-EOS penalty
     rm_scores: jax.Array      # [B] RM score − bias, also when the reward is external (RM vs gold under optimisation)
     rewards: jax.Array        # [B, N] −β·KL_t, plus the score at the last token
-    advantages: jax.Array     # [B, N] GAE, whitened over the batch
-    returns: jax.Array        # [B, N] value targets: unwhitened advantages + values
+    advantages: jax.Array     # [B, N] GAE (or leave-one-out), whitened over the batch
+    returns: jax.Array        # [B, N] value targets: unwhitened advantages + values (leave-one-out: the return)
     kl: jax.Array             # [B, N] log π_old − log π_SFT per token
 
 
@@ -47,12 +49,14 @@ class RolloutSettings:
     no_eos_penalty: float = 0.0  # subtracted from the score of a response that never emitted EOS
     whiten_rewards: bool = False
     reward: str = "model"        # "model": the RM's score; "gold": scores computed outside (the task suite's)
+    baseline: str = "value"      # "value": GAE on the value model; "leave_one_out": the prompt's other samples
+    group: int = 1               # consecutive rows sharing a prompt (ppo.samples_per_prompt)
 
     @classmethod
     def from_config(cls, ppo_cfg) -> "RolloutSettings":
         return cls(temperature=ppo_cfg.temperature, gamma=ppo_cfg.gamma, lam=ppo_cfg.gae_lambda,
                    no_eos_penalty=ppo_cfg.no_eos_penalty, whiten_rewards=ppo_cfg.whiten_rewards,
-                   reward=ppo_cfg.reward)
+                   reward=ppo_cfg.reward, baseline=ppo_cfg.baseline, group=ppo_cfg.samples_per_prompt)
 
 
 def sequence_inputs(prompt_mask, response_mask):
@@ -102,14 +106,19 @@ def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_
     args = (tokens, prompt_mask, response_mask)
     logprobs, _ = response_logprobs(policy_model, policy_params, *args, settings.temperature)
     ref_logprobs, _ = response_logprobs(policy_model, ref_params, *args, settings.temperature)
-    values = response_values(reward_model, value_params, *args)
     rm_scores = reward_scores(reward_model, rm_params, *args, rm_bias)
     scores = external_scores.astype(jnp.float32) if settings.reward == "gold" else rm_scores
     scores = scores - settings.no_eos_penalty * (1.0 - ended.astype(jnp.float32))
     rewards, kl = losses.kl_penalised_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef)
     if settings.whiten_rewards:
         rewards = losses.masked_whiten(rewards, response_mask, shift_mean=False)
-    advantages, returns = losses.generalized_advantages(rewards, values, response_mask, settings.gamma, settings.lam)
+    if settings.baseline == "leave_one_out":  # the value model is not run
+        advantages, sequence_returns = losses.leave_one_out_advantages(rewards, response_mask, settings.group)
+        values, returns = jnp.zeros_like(rewards), sequence_returns[:, None] * response_mask
+    else:
+        values = response_values(reward_model, value_params, *args)
+        advantages, returns = losses.generalized_advantages(rewards, values, response_mask, settings.gamma,
+                                                            settings.lam)
     return Rollout(tokens=tokens, prompt_mask=prompt_mask, response_mask=response_mask, logprobs=logprobs,
                    ref_logprobs=ref_logprobs, values=values, scores=scores, rm_scores=rm_scores, rewards=rewards,
                    advantages=losses.masked_whiten(advantages, response_mask), returns=returns, kl=kl)

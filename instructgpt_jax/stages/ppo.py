@@ -32,6 +32,7 @@ from instructgpt_jax.train.state import TrainState
 
 EVAL_FILE = "ppo_eval.json"
 REWARDS = ("model", "gold")  # the reward model's score, or the task suite's gold score (an oracle upper bound)
+BASELINES = ("value", "leave_one_out")  # GAE on the RM-initialised value model, or RLOO's (ppo.samples_per_prompt)
 STEP_KEYS = ("tokens", "prompt_mask", "response_mask", "logprobs", "values", "advantages", "returns")
 
 
@@ -59,6 +60,14 @@ def validate_ppo_config(config) -> None:
     if p.adaptive_kl and (p.kl_target <= 0 or p.kl_horizon <= 0):
         raise ConfigError(f"ppo.adaptive_kl needs ppo.kl_target > 0 and ppo.kl_horizon > 0, got "
                           f"{p.kl_target}, {p.kl_horizon}")
+    if p.baseline not in BASELINES:
+        raise ConfigError(f"ppo.baseline={p.baseline!r}: expected one of {BASELINES}")
+    k = p.samples_per_prompt
+    if k < 1 or p.batch_size % k:
+        raise ConfigError(f"ppo.samples_per_prompt={k} must be >= 1 and divide ppo.batch_size={p.batch_size}")
+    if p.baseline == "leave_one_out" and (k < 2 or p.gamma != 1.0):
+        raise ConfigError(f"ppo.baseline='leave_one_out' compares a prompt's samples' undiscounted returns: it needs "
+                          f"ppo.samples_per_prompt >= 2 and ppo.gamma = 1, got {k} and {p.gamma}")
     if p.reward not in REWARDS:
         raise ConfigError(f"ppo.reward={p.reward!r}: expected one of {REWARDS}")
     if p.reward == "gold" and config.data.prompts.path:
@@ -192,7 +201,8 @@ class Trainer:
         """One PPO iteration -> (state, metrics)."""
         p, seed = self.ppo, self.config.seed
         times = {"start": time.perf_counter()}
-        index = iteration_prompts(len(prompt_ids), p.batch_size, seed, iteration)
+        k = p.samples_per_prompt  # each prompt's samples on consecutive rows
+        index = np.repeat(iteration_prompts(len(prompt_ids), p.batch_size // k, seed, iteration), k)
         rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), iteration)
         output, prompt_mask = self.generate(state.params["policy"], [prompt_ids[i] for i in index], rng)
         jax.block_until_ready(output)

@@ -228,6 +228,8 @@ def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
 
         loss = clipped surrogate + c_v · clipped value loss − c_H · entropy + γ_ptx · LM loss (eq. 2)
 
+    With ppo.baseline = "leave_one_out" there is no value term (the advantages do not use a value model).
+
     No dropout: the ratio π/π_old must compare the same function the rollout sampled from."""
     from instructgpt_jax.rl import rollout
 
@@ -238,16 +240,20 @@ def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
         logprobs, logits = rollout.response_logprobs(policy_model, params["policy"], *args, ppo_cfg.temperature)
         policy_loss, metrics = losses.ppo_policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask,
                                                       ppo_cfg.clip)
-        values = rollout.response_values(value_model, params["value"], *args)
-        value_loss, value_clip_fraction = losses.ppo_value_loss(values, batch["values"], batch["returns"], mask,
-                                                                ppo_cfg.value_clip)
         entropy = losses.masked_mean(losses.entropy(logits), mask)
-        loss = policy_loss + ppo_cfg.value_coef * value_loss - ppo_cfg.entropy_coef * entropy
-        metrics.update(policy_loss=policy_loss, value_loss=value_loss, value_clip_fraction=value_clip_fraction,
-                       entropy=entropy, explained_variance=losses.explained_variance(values, batch["returns"], mask))
+        loss = policy_loss - ppo_cfg.entropy_coef * entropy
+        metrics.update(policy_loss=policy_loss, entropy=entropy)
         # pmap: the PPO terms (and metrics) are means over response tokens, the ptx term over equal rows.
         metrics[pmap.WEIGHTS] = {"loss": mask.sum(), "ptx_loss": 1.0}
-        metrics[pmap.TERMS] = {"policy_loss": 1.0, "value_loss": ppo_cfg.value_coef, "entropy": -ppo_cfg.entropy_coef}
+        metrics[pmap.TERMS] = {"policy_loss": 1.0, "entropy": -ppo_cfg.entropy_coef}
+        if ppo_cfg.baseline == "value":  # leave_one_out: no value model in the advantages, none trained
+            values = rollout.response_values(value_model, params["value"], *args)
+            value_loss, value_clip_fraction = losses.ppo_value_loss(values, batch["values"], batch["returns"], mask,
+                                                                    ppo_cfg.value_clip)
+            loss = loss + ppo_cfg.value_coef * value_loss
+            metrics.update(value_loss=value_loss, value_clip_fraction=value_clip_fraction,
+                           explained_variance=losses.explained_variance(values, batch["returns"], mask))
+            metrics[pmap.TERMS]["value_loss"] = ppo_cfg.value_coef
         if ppo_cfg.ptx_coef:
             pretrain = batch["pretrain_tokens"]
             ptx_loss = next_token_loss(policy_model, params["policy"], pretrain, None)
@@ -260,8 +266,10 @@ def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
 
 
 def make_ppo_optimizer(config) -> optax.GradientTransformation:
-    """Separate AdamW (and clipping) for the policy (config.optim) and the value model (config.value_optim)."""
-    return optax.multi_transform({"policy": make_optimizer(config.optim), "value": make_optimizer(config.value_optim)},
+    """Separate AdamW (and clipping) for the policy (config.optim) and the value model (config.value_optim);
+    with the leave-one-out baseline the value model is unused and kept as loaded (no optimizer state)."""
+    value = make_optimizer(config.value_optim) if config.ppo.baseline == "value" else optax.set_to_zero()
+    return optax.multi_transform({"policy": make_optimizer(config.optim), "value": value},
                                  param_labels={"policy": "policy", "value": "value"})
 
 
