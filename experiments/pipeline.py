@@ -40,6 +40,11 @@ def get_config(arg=None):
         few_shot_prompts=128,   # 0 = skip
         examples=12,            # rows of samples.md
     )
+    if arg.size == "tiny":
+        # The 10-minute budget: the PPO experiment's 256 episodes x 40 x 4 epochs take ~3.5 min per stage, so the
+        # pipeline runs PPO and PPO-ptx at 64 x 40, 1 epoch (~30 s each; README: the policy then barely moves).
+        for stage in ("ppo", "ppo_ptx"):
+            c.stages[stage].ppo.update(batch_size=64, minibatch_size=16, epochs=1)
     if arg.size == "test":  # a 64-token context leaves no room for in-context examples
         c.evaluation.update(prompts=32, few_shot_prompts=0, examples=4)
     if arg.size not in configs.CPU_SIZES:
