@@ -18,11 +18,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from instructgpt_jax import main
 from instructgpt_jax.data import tasks
+from instructgpt_jax.stages import common
 from instructgpt_jax.train import steps
 from test_sft import VOCAB, write_tokenizer
 
@@ -432,6 +434,18 @@ def test_failed_resume_keeps_the_config_of_the_run_that_wrote_the_checkpoints(en
         assert f.read() == written
     with open(config) as f:
         assert json.load(f)["train"]["steps"] == 6
+
+
+def test_a_rerun_under_an_unchanged_config_blames_no_key(tmp_path):
+    a, b = ml_collections.ConfigDict({"train": {"steps": 4}}), ml_collections.ConfigDict({"train": {"steps": 6}})
+    workdir = common.prepare_workdir(a, str(tmp_path))
+    common.prepare_workdir(b, workdir)
+    assert "train.steps: 4 -> 6" in common.restore_mismatch_hint(workdir)  # and a's config.json is back
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 4
+    common.prepare_workdir(b, workdir)  # b again: a is kept aside, b's run wrote the checkpoints
+    common.prepare_workdir(b, workdir)
+    assert common.restore_mismatch_hint(workdir) == ""
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 6
 
 
 def test_catalogue_is_complete():

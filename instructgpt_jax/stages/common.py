@@ -33,6 +33,7 @@ def log(msg: str) -> None:
 
 CONFIG_FILE = "config.json"
 PREVIOUS_CONFIG_FILE = "config.previous.json"  # the config of the run before, when this one's differs
+_CHANGED_CONFIG: dict[str, bool] = {}  # workdir -> whether this run moved a different config.json aside
 
 
 def prepare_workdir(config, workdir: str, *, update: bool = False) -> str:
@@ -48,8 +49,10 @@ def prepare_workdir(config, workdir: str, *, update: bool = False) -> str:
     try:
         os.makedirs(workdir, exist_ok=True)
         if jax.process_index() == 0:
-            if not update and os.path.exists(path) and _read(path) != text:
-                os.replace(path, os.path.join(workdir, PREVIOUS_CONFIG_FILE))
+            if not update:
+                _CHANGED_CONFIG[workdir] = os.path.exists(path) and _read(path) != text
+                if _CHANGED_CONFIG[workdir]:
+                    os.replace(path, os.path.join(workdir, PREVIOUS_CONFIG_FILE))
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
     except OSError as e:
@@ -80,12 +83,15 @@ def restore_mismatch_hint(workdir: str, limit: int = 5) -> str:
     """For a checkpoint that does not restore under this run's config: the config keys changed since
     the run that wrote the workdir, and that run's config.json put back (this config never ran)."""
     path, previous = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, PREVIOUS_CONFIG_FILE)
+    if not _CHANGED_CONFIG.get(workdir):  # this run's config is the one that wrote the checkpoints
+        return ""
     try:
         changes = config_changes(json.loads(_read(previous)), json.loads(_read(path)))
     except (OSError, ValueError):  # no earlier config (or not JSON): nothing to compare
         return ""
     if jax.process_index() == 0:
         os.replace(previous, path)
+        _CHANGED_CONFIG[workdir] = False
     if not changes:
         return ""
     more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
