@@ -1,12 +1,12 @@
 """PPO iterations: episodes/s and the generate / score / update split, through the stage's own Trainer.
 
 For each --sizes entry: experiments/ppo.py at that size (variant ppo_ptx), with --batch episodes per
-iteration and --minibatch per update; policy, reference, value and reward models are randomly
-initialised (speed does not depend on the weights) and EOS is never sampled, so every response runs
-ppo.max_new_tokens steps: a fixed amount of work. The first iteration (compilation) is excluded; the
-median over --repeats iterations is reported, bracketed by the matmul peak measured before and after.
-generate = KV-cache sampling; score = policy, reference, value and RM forward passes + rewards + GAE;
-update = every PPO minibatch step (with the PPO-ptx pretraining batch).
+iteration, --minibatch per update and --epochs passes over the batch; policy, reference, value and
+reward models are randomly initialised (speed does not depend on the weights) and EOS is never
+sampled, so every response runs ppo.max_new_tokens steps: a fixed amount of work. The first iteration
+(compilation) is excluded; the median over --repeats iterations is reported, bracketed by the matmul
+peak measured before and after. generate = KV-cache sampling; score = policy, reference, value and RM
+forward passes + rewards + GAE; update = every PPO minibatch step (with the PPO-ptx pretraining batch).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.stages import ppo
 from instructgpt_jax.train import compiles, sharding, steps
 
-COLUMNS = ("size", "params", "batch", "minibatch", "prompt", "new", "episodes_per_s", "generate_s", "score_s",
+COLUMNS = ("size", "params", "batch", "minibatch", "epochs", "prompt", "new", "episodes_per_s", "generate_s", "score_s",
            "update_s", "generate_share", "recompilations", "matmul_gflops_before", "matmul_gflops_after")
 NO_EOS = -1
 
@@ -29,11 +29,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sizes", default="tiny,mini", help="comma list of experiments/ppo.py sizes")
     parser.add_argument("--batch", type=int, default=64, help="episodes per iteration")
     parser.add_argument("--minibatch", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=1, help="PPO epochs per iteration (the tiny experiment's: 4)")
 
 
-def ppo_config(size: str, batch: int, minibatch: int):
+def ppo_config(size: str, batch: int, minibatch: int, epochs: int = 1):
     c = configs.experiment_config("ppo", f"size={size},variant=ppo_ptx")
-    c.ppo.update(batch_size=batch, minibatch_size=minibatch, ptx_batch_size=minibatch)
+    c.ppo.update(batch_size=batch, minibatch_size=minibatch, ptx_batch_size=minibatch, epochs=epochs)
     return c
 
 
@@ -67,7 +68,7 @@ def random_ptx_batches(c, seed: int = 0):
 
 
 def measure(args, size: str) -> list[dict]:
-    c = ppo_config(size, args.batch, args.minibatch)
+    c = ppo_config(size, args.batch, args.minibatch, args.epochs)
     trainer, state, n_params = build_trainer(c)
     rng = np.random.default_rng(0)
     prompt_ids = [list(rng.integers(4, c.model.vocab_size, rng.integers(c.ppo.prompt_len // 2, c.ppo.prompt_len + 1)))
@@ -83,7 +84,8 @@ def measure(args, size: str) -> list[dict]:
     median = {k: float(np.median([m[k] for m in times])) for k in ("time_generate", "time_score", "time_update")}
     total = sum(median.values())
     return [{"size": size, "params": n_params, "batch": args.batch, "minibatch": args.minibatch,
-             "prompt": c.ppo.prompt_len, "new": c.ppo.max_new_tokens, "episodes_per_s": args.batch / total,
+             "epochs": args.epochs, "prompt": c.ppo.prompt_len, "new": c.ppo.max_new_tokens,
+             "episodes_per_s": args.batch / total,
              "generate_s": median["time_generate"], "score_s": median["time_score"],
              "update_s": median["time_update"], "generate_share": median["time_generate"] / total,
              "recompilations": sum(compiled.values())}]
