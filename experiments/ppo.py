@@ -80,13 +80,14 @@ def get_config(arg=None):
     # A copy, not a reference: with a FieldReference, overriding value_optim.lr would set the policy's lr too.
     c.value_optim.lr = c.optim.lr
     if arg.size == "tiny":
-        # Measured on runs/pipe7's SFT against the tiny default RM (final_token+sft_loglik), gold vs SFT at T=1 on
-        # 512 test prompts (README): 64 episodes x 40 at 1 epoch barely moves the policy (+0.007, KL 0.09); 256 x 40
-        # in minibatches of 64, 4 epochs, value lr 5e-4 gave +0.042 / +0.010 / +0.042 / +0.013 over four seeds (RM
-        # score +0.18 to +0.39, KL 0.30-0.38), ~3.5 min per run. At γ = 27.8 PPO-ptx is continued pretraining here:
-        # the tiny SFT model sits far from its pretraining optimum (LM loss 3.92 vs 3.35), γ·∇LM swamps the PPO
-        # gradient (clip fraction 0) and gold falls (-0.038); γ = 1 gained +0.034 with the held-out LM loss below
-        # SFT's (3.727 vs 3.918).
+        # Gold vs SFT at T=1 on 512 test prompts (README), against an RM of the tiny default form
+        # (final_token+sft_loglik, 6 epochs) on runs/pipe7's SFT: 64 episodes x 40 at 1 epoch barely moves the policy
+        # (+0.007, KL 0.09); 256 x 40 in minibatches of 64, 4 epochs, value lr 5e-4 gave +0.042 / +0.010 / +0.042 /
+        # +0.013 over four seeds (RM score +0.18 to +0.39, KL 0.30-0.38), ~3.5 min per run; after the pipeline's own
+        # SFT and 3-epoch RM (runs/pipe9): +0.050 and +0.024 (two seeds). At γ = 27.8 PPO-ptx is continued
+        # pretraining here: the tiny SFT model sits far from its pretraining optimum (LM loss 3.92 vs 3.35),
+        # γ·∇LM swamps the PPO gradient (clip fraction 0) and gold falls (-0.038); γ = 1 gained +0.034 (runs/pipe9:
+        # +0.044) with the held-out LM loss below SFT's (3.727 vs 3.918).
         c.ppo.update(batch_size=256, minibatch_size=64, epochs=4)
         c.value_optim.lr = 5e-4
         if arg.variant == "ppo_ptx":
