@@ -113,6 +113,30 @@ def test_chunked_lm_head_equals_full_logits_with_gradients(chunk):
     assert float(jnp.abs(grads[1][50:]).max()) == 0.0  # padded vocabulary rows get no gradient
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_head_logprobs_and_entropy_equal_autodiff_through_the_logits(dtype):
+    hidden, embedding, targets, _ = lm_head_example(dtype)
+    hidden, targets, temperature = hidden.reshape(24, 16), targets.reshape(24), 0.7
+
+    def reference(h, w):
+        logits = jnp.where(jnp.arange(64) < 50, (h @ w.astype(h.dtype).T).astype(jnp.float32), -1e9) / temperature
+        logp = jax.nn.log_softmax(logits)
+        return losses.token_logprobs(logits, targets), -(jnp.exp(logp) * logp).sum(-1)
+
+    d_token, d_entropy = jax.random.normal(jax.random.PRNGKey(1), (2, 24))  # PPO's ratio terms and the bonus
+    combined = lambda fn: lambda h, w: fn(h, w)[0] @ d_token + fn(h, w)[1] @ d_entropy  # noqa: E731
+    ours = lambda h, w: losses.tied_head_logprobs(h, w, targets, 50, temperature)  # noqa: E731
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    for got, want in zip(ours(hidden, embedding), reference(hidden, embedding)):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    grads = jax.grad(combined(ours), (0, 1))(hidden, embedding)
+    want_grads = jax.grad(combined(reference), (0, 1))(hidden, embedding)
+    assert grads[0].dtype == dtype and grads[1].dtype == jnp.float32
+    for got, want in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+    assert float(jnp.abs(grads[1][50:]).max()) == 0.0  # padded vocabulary rows get no gradient
+
+
 def test_chunked_lm_head_gradients_keep_the_input_dtypes():
     hidden, embedding, targets, weights = lm_head_example(jnp.bfloat16)
     loss = lambda h, w: losses.chunked_lm_head_losses(h, w, targets, weights[:1], 50, 8)[0]  # noqa: E731

@@ -6,6 +6,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -180,6 +181,59 @@ def test_a_loglik_reward_model_counts_only_response_tokens_in_scores_and_values(
     # The value before the first response token has no response log-likelihood in it yet.
     head_only = value.apply({"params": value_params}, out.tokens, None, positions, valid, jnp.full(mask.shape[:1], 10**6))
     np.testing.assert_allclose(batch.values[:, 0], head_only[:, p - 1], atol=1e-5)
+
+
+def sft_loglik_value(models, frozen):
+    """A final_token+sft_loglik reward/value model whose frozen copy holds `frozen`, and its params."""
+    c = models[0]
+    value = heads.RewardModel(gpt.GPTConfig.from_config(c.reward_model), score="final_token+sft_loglik")
+    params = nn.meta.unbox(value.init(jax.random.PRNGKey(1), jnp.zeros((1, 16), jnp.int32))["params"])
+    params[FROZEN_KEY] = jax.tree.map(jnp.copy, frozen)
+    params["loglik_weight"] = jnp.float32(0.8)
+    return value, params
+
+
+def test_a_sft_loglik_model_can_read_the_rollouts_reference_logprobs_instead_of_running_its_frozen_copy(models):
+    c, policy, _, policy_params, _ = models
+    ref = nn.meta.unbox(policy.init(jax.random.PRNGKey(5), jnp.zeros((1, 16), jnp.int32))["params"])
+    value, value_params = sft_loglik_value(models, ref)
+    out, mask = sampled(policy, policy_params)
+
+    def scored(params, reuse):
+        settings = rollout.RolloutSettings(temperature=1.0, reuse_reference=reuse)
+        return rollout.score_rollout(policy, value, settings, policy_params, params, ref, params, 0.25, 0.02,
+                                     out.tokens, mask, out.response_mask, out.ended)
+
+    ran, reused = scored(value_params, False), scored(value_params, True)
+    for field in ("scores", "values", "advantages", "returns"):
+        np.testing.assert_allclose(getattr(reused, field), getattr(ran, field), atol=1e-4, err_msg=field)
+    # The term is really read from the reference log-probs: a frozen copy of NaNs is never run.
+    poisoned = {**value_params, FROZEN_KEY: jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), ref)}
+    np.testing.assert_allclose(scored(poisoned, True).scores, ran.scores, atol=1e-4)
+    assert np.isnan(np.asarray(scored(poisoned, False).scores)).all()
+    # ... and the update's value loss reads the minibatch's reference log-probs the same way.
+    mb = {k: getattr(ran, k) for k in ppo.STEP_KEYS}
+    params = {"policy": policy_params, "value": value_params}
+    ppo_cfg = ml_collections.ConfigDict({**c.ppo.to_dict(), "temperature": 1.0, "ptx_coef": 0.0})
+    (loss, metrics), grads = jax.value_and_grad(steps.ppo_loss(policy, value, ppo_cfg), has_aux=True)(params, mb, None)
+    (loss_r, metrics_r), grads_r = jax.value_and_grad(steps.ppo_loss(policy, value, ppo_cfg, reuse_reference=True),
+                                                      has_aux=True)(params, mb, None)
+    assert float(loss_r) == pytest.approx(float(loss), abs=1e-4)
+    assert float(metrics_r["value_loss"]) == pytest.approx(float(metrics["value_loss"]), abs=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grads_r, grads)
+
+
+def test_the_reference_is_reused_only_when_every_frozen_copy_holds_its_weights_at_temperature_1(models):
+    _, policy, value, policy_params, value_params = models
+    other = nn.meta.unbox(policy.init(jax.random.PRNGKey(5), jnp.zeros((1, 16), jnp.int32))["params"])
+    _, same = sft_loglik_value(models, policy_params)
+    _, different = sft_loglik_value(models, other)
+    assert ppo.reuses_reference(1.0, policy_params, same, same)
+    assert not ppo.reuses_reference(0.7, policy_params, same, same)  # the rollout's log-probs are tempered
+    assert not ppo.reuses_reference(1.0, policy_params, same, different)
+    assert not ppo.reuses_reference(1.0, policy_params, value_params, value_params)  # final_token: no copy
+    bigger = {**same, FROZEN_KEY: {**same[FROZEN_KEY], "wpe": {"embedding": jnp.zeros((99, 8))}}}
+    assert not ppo.reuses_reference(1.0, policy_params, bigger, same)  # another shape, not an error
 
 
 def test_gold_reward_replaces_the_rm_score_in_the_rewards_but_the_rm_score_is_still_reported(models):
@@ -366,9 +420,9 @@ def test_leave_one_out_ppo_samples_each_prompt_k_times_and_leaves_the_value_mode
     assert max(moved) > 0
 
 
-def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stages):
+def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stages, capsys):
     """An RM trained with the frozen SFT likelihood term: PPO's value model and evaluation follow its record,
-    and the value's frozen copy is still the RM's after an update; a value initialised from an RM of the
+    the term reads the rollout's reference log-probs, and the value's frozen copy is still the RM's after an update; a value initialised from an RM of the
     other form is refused with one error naming both keys."""
     root, tokenizer_path = env
     c = stage_config("rm", root, tokenizer_path)
@@ -380,8 +434,11 @@ def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stag
     loglik = dict(reward="{workdir}/../rm_loglik", value="{workdir}/../rm_loglik")
     pc = ppo_config(env, iterations=1)
     pc.init.update(loglik)
+    capsys.readouterr()
     result = ppo.run(pc, str(earlier_stages / "ppo_loglik"))
     assert np.isfinite(result["ppo"]["sampled"]["rm_score"]["mean"])
+    # the RM's frozen copy is the SFT checkpoint PPO's reference loads: the term reads the reference's log-probs
+    assert "their likelihood term reads the rollout's reference log-probs" in capsys.readouterr().out
     value = ppo.value_model_for(pc, str(earlier_stages / "ppo_loglik"))
     init = ppo.init_state_fn(steps.build_model(pc), value, steps.make_ppo_optimizer(pc), 32, ema=True)
     abstract, _ = sharding.abstract_init(init, sharding.make_mesh(pc), sharding.rules(pc), jax.random.PRNGKey(0))

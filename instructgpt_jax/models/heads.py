@@ -75,7 +75,10 @@ class RewardModel(nn.Module):
             self.frozen_reference = gpt.GPT(self.cfg)
 
     def __call__(self, tokens, last_index=None, positions=None, kv_valid=None, response_start=None, *,
-                 deterministic=True):
+                 reference_logprobs=None, deterministic=True):
+        """`reference_logprobs` [B, T] (score="final_token+sft_loglik" only): log π_frozen(tokens[s] | tokens[<s])
+        at each response position s, 0 elsewhere, computed by the caller with the frozen copy's own weights
+        (PPO's rollout has them as the reference log-probs); the frozen copy is then not run."""
         h = self.trunk(tokens, positions, kv_valid, deterministic=deterministic, return_hidden=True)
         if self.score == "final_token":
             if last_index is not None:
@@ -85,26 +88,31 @@ class RewardModel(nn.Module):
             if not self.is_initializing():
                 raise ValueError(f"score={self.score!r} needs response_start (where each response begins)")
             response_start = jnp.zeros(tokens.shape[:1], jnp.int32)
-        if self.score == "final_token+sft_loglik":
+        if reference_logprobs is not None:
+            if self.score != "final_token+sft_loglik":
+                raise ValueError(f"reference_logprobs replace the frozen copy of score='final_token+sft_loglik'; "
+                                 f"this model's score is {self.score!r}")
+            per_token = jax.lax.stop_gradient(reference_logprobs.astype(jnp.float32))
+        elif self.score == "final_token+sft_loglik":
             logits = jax.lax.stop_gradient(self.frozen_reference(tokens, positions, kv_valid, deterministic=True))
+            per_token = response_token_logprobs(logits, tokens, kv_valid, response_start)
         else:
-            logits = self.trunk.unembed(h)
-        loglik = cumulative_response_loglik(logits, tokens, kv_valid, response_start)
+            per_token = response_token_logprobs(self.trunk.unembed(h), tokens, kv_valid, response_start)
+        loglik = jnp.cumsum(per_token, axis=1)
         scores = self.head(h) + self.loglik_weight * loglik
         if last_index is not None:
             scores = jnp.take_along_axis(scores, last_index[:, None].astype(jnp.int32), axis=1)[:, 0]
         return scores
 
 
-def cumulative_response_loglik(logits, tokens, kv_valid, response_start):
-    """[B, T]: Σ log softmax(logits[s − 1])[tokens[s]] over response positions response_start <= s <= t
-    (valid ones, with a valid predecessor) — the log-likelihood of the response so far at each position."""
+def response_token_logprobs(logits, tokens, kv_valid, response_start):
+    """[B, T]: log softmax(logits[s − 1])[tokens[s]] at response positions s >= response_start (valid ones,
+    with a valid predecessor), 0 elsewhere; their cumulative sum along T is the response's log-likelihood so far."""
     logprobs = losses.token_logprobs(logits[:, :-1], tokens[:, 1:].astype(jnp.int32))
     counted = jnp.arange(1, tokens.shape[1])[None] >= jnp.asarray(response_start)[:, None]
     if kv_valid is not None:
         counted = counted & kv_valid[:, 1:] & kv_valid[:, :-1]
-    cumulative = jnp.cumsum(jnp.where(counted, logprobs, 0.0), axis=1)
-    return jnp.concatenate([jnp.zeros_like(cumulative[:, :1]), cumulative], axis=1)
+    return jnp.concatenate([jnp.zeros_like(logprobs[:, :1]), jnp.where(counted, logprobs, 0.0)], axis=1)
 
 
 def sequence_scores(apply_fn, params, tokens, last_index, response_start, rng=None):

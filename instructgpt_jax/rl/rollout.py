@@ -8,7 +8,7 @@ column P−1+t score response token t, and the value there is V(s_t), the state 
 value and reward model, then InstructGPT's per-token reward (eq. 2), GAE and advantage whitening. With
 `ppo.baseline=leave_one_out` RLOO's baseline (the mean return of the prompt's other samples) replaces GAE
 and the value model is not run. The PPO update (`train/steps.make_ppo_step`) reads the same columns
-through `response_logits`/`response_values`.
+through `response_logprobs`/`response_values`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from instructgpt_jax import losses
+from instructgpt_jax.models import gpt
 from instructgpt_jax.rl import sampling
 from instructgpt_jax.train import sharding
 
@@ -51,12 +52,17 @@ class RolloutSettings:
     reward: str = "model"        # "model": the RM's score; "gold": scores computed outside (the task suite's)
     baseline: str = "value"      # "value": GAE on the value model; "leave_one_out": the prompt's other samples
     group: int = 1               # consecutive rows sharing a prompt (ppo.samples_per_prompt)
+    # The RM's and the value model's likelihood term (score="final_token+sft_loglik") reads the rollout's
+    # reference log-probs instead of running their frozen copies: set when those copies hold the reference's
+    # weights and the temperature is 1 (stages/ppo checks), so the SFT model runs once per batch, not three times.
+    reuse_reference: bool = False
 
     @classmethod
-    def from_config(cls, ppo_cfg) -> "RolloutSettings":
+    def from_config(cls, ppo_cfg, reuse_reference: bool = False) -> "RolloutSettings":
         return cls(temperature=ppo_cfg.temperature, gamma=ppo_cfg.gamma, lam=ppo_cfg.gae_lambda,
                    no_eos_penalty=ppo_cfg.no_eos_penalty, whiten_rewards=ppo_cfg.whiten_rewards,
-                   reward=ppo_cfg.reward, baseline=ppo_cfg.baseline, group=ppo_cfg.samples_per_prompt)
+                   reward=ppo_cfg.reward, baseline=ppo_cfg.baseline, group=ppo_cfg.samples_per_prompt,
+                   reuse_reference=reuse_reference)
 
 
 def sequence_inputs(prompt_mask, response_mask):
@@ -65,16 +71,17 @@ def sequence_inputs(prompt_mask, response_mask):
     return sampling.positions_from_mask(valid), valid
 
 
-def response_logits(model, params, tokens, prompt_mask, response_mask, temperature):
-    """Logits [B, N, V] / temperature that scored each response token (π's tempered distribution)."""
-    positions, valid = sequence_inputs(prompt_mask, response_mask)
-    logits = model.apply({"params": params}, tokens[:, :-1], positions[:, :-1], valid[:, :-1])
-    return logits[:, prompt_mask.shape[1] - 1:] / temperature
-
-
 def response_logprobs(model, params, tokens, prompt_mask, response_mask, temperature):
-    logits = response_logits(model, params, tokens, prompt_mask, response_mask, temperature)
-    return losses.token_logprobs(logits, tokens[:, prompt_mask.shape[1]:]) * response_mask, logits
+    """log π(y_t) [B, N] at the sampling temperature (0 past the response) and the entropy [B, N] of π's
+    tempered distribution at each response token. The tied unembedding runs on the response columns only."""
+    positions, valid = sequence_inputs(prompt_mask, response_mask)
+    hidden = model.apply({"params": params}, tokens[:, :-1], positions[:, :-1], valid[:, :-1], return_hidden=True)
+    hidden = hidden[:, prompt_mask.shape[1] - 1:]
+    b, n, d = hidden.shape
+    logprobs, entropy = losses.tied_head_logprobs(hidden.reshape(b * n, d), gpt.tied_embedding(params),
+                                                  tokens[:, prompt_mask.shape[1]:].reshape(b * n),
+                                                  model.cfg.vocab_size, temperature)
+    return logprobs.reshape(b, n) * response_mask, entropy.reshape(b, n)
 
 
 def response_starts(prompt_mask):
@@ -82,19 +89,32 @@ def response_starts(prompt_mask):
     return jnp.full(prompt_mask.shape[:1], prompt_mask.shape[1], jnp.int32)
 
 
-def response_values(value_model, params, tokens, prompt_mask, response_mask):
-    """V(s_t) [B, N]: the value head at the column before each response token."""
+def per_position_logprobs(ref_logprobs, prompt_width: int, length: int):
+    """Response log-probs [B, N] laid out per sequence position [B, length] (0 over the prompt's columns): the
+    `reference_logprobs` a sft_loglik reward/value model reads instead of running its frozen copy."""
+    return jnp.pad(ref_logprobs, ((0, 0), (prompt_width, 0)))[:, :length]
+
+
+def response_values(value_model, params, tokens, prompt_mask, response_mask, ref_logprobs=None):
+    """V(s_t) [B, N]: the value head at the column before each response token. With `ref_logprobs` [B, N] a
+    sft_loglik value model's likelihood term reads them (RolloutSettings.reuse_reference)."""
     positions, valid = sequence_inputs(prompt_mask, response_mask)
-    values = value_model.apply({"params": params}, tokens[:, :-1], None, positions[:, :-1], valid[:, :-1],
-                               response_starts(prompt_mask))
+    inputs = tokens[:, :-1]
+    reference = None if ref_logprobs is None else per_position_logprobs(ref_logprobs, prompt_mask.shape[1],
+                                                                        inputs.shape[1])
+    values = value_model.apply({"params": params}, inputs, None, positions[:, :-1], valid[:, :-1],
+                               response_starts(prompt_mask), reference_logprobs=reference)
     return values[:, prompt_mask.shape[1] - 1:] * response_mask
 
 
-def reward_scores(reward_model, params, tokens, prompt_mask, response_mask, bias):
+def reward_scores(reward_model, params, tokens, prompt_mask, response_mask, bias, ref_logprobs=None):
     """RM score − bias [B], read at each response's last token (EOS, or the last of one that never ended)."""
     positions, valid = sequence_inputs(prompt_mask, response_mask)
     last = prompt_mask.shape[1] + jnp.maximum(response_mask.sum(axis=-1).astype(jnp.int32), 1) - 1
-    return reward_model.apply({"params": params}, tokens, last, positions, valid, response_starts(prompt_mask)) - bias
+    reference = None if ref_logprobs is None else per_position_logprobs(ref_logprobs, prompt_mask.shape[1],
+                                                                        tokens.shape[1])
+    return reward_model.apply({"params": params}, tokens, last, positions, valid, response_starts(prompt_mask),
+                              reference_logprobs=reference) - bias
 
 
 def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_params, value_params, ref_params,
@@ -106,7 +126,8 @@ def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_
     args = (tokens, prompt_mask, response_mask)
     logprobs, _ = response_logprobs(policy_model, policy_params, *args, settings.temperature)
     ref_logprobs, _ = response_logprobs(policy_model, ref_params, *args, settings.temperature)
-    rm_scores = reward_scores(reward_model, rm_params, *args, rm_bias)
+    reference = ref_logprobs if settings.reuse_reference else None
+    rm_scores = reward_scores(reward_model, rm_params, *args, rm_bias, reference)
     scores = external_scores.astype(jnp.float32) if settings.reward == "gold" else rm_scores
     scores = scores - settings.no_eos_penalty * (1.0 - ended.astype(jnp.float32))
     rewards, kl = losses.kl_penalised_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef)
@@ -116,7 +137,7 @@ def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_
         advantages, sequence_returns = losses.leave_one_out_advantages(rewards, response_mask, settings.group)
         values, returns = jnp.zeros_like(rewards), sequence_returns[:, None] * response_mask
     else:
-        values = response_values(reward_model, value_params, *args)
+        values = response_values(reward_model, value_params, *args, reference)
         advantages, returns = losses.generalized_advantages(rewards, values, response_mask, settings.gamma,
                                                             settings.lam)
     return Rollout(tokens=tokens, prompt_mask=prompt_mask, response_mask=response_mask, logprobs=logprobs,
@@ -124,10 +145,11 @@ def score_rollout(policy_model, reward_model, settings: RolloutSettings, policy_
                    advantages=losses.masked_whiten(advantages, response_mask), returns=returns, kl=kl)
 
 
-def make_scorer(config, policy_model, reward_model, mesh, policy_shardings, value_shardings):
+def make_scorer(config, policy_model, reward_model, mesh, policy_shardings, value_shardings,
+                reuse_reference: bool = False):
     """Jitted `(policy, value, ref, rm params, rm_bias, kl_coef, output, prompt_mask, external_scores=None)
     -> Rollout`, batch-sharded; β and the bias are traced scalars (an adaptive β never recompiles)."""
-    settings = RolloutSettings.from_config(config.ppo)
+    settings = RolloutSettings.from_config(config.ppo, reuse_reference)
     fn = functools.partial(score_rollout, policy_model, reward_model, settings)
     batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     jitted = jax.jit(fn, in_shardings=(policy_shardings, value_shardings, policy_shardings, value_shardings,

@@ -28,12 +28,12 @@ from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import rollout, sampling
 from instructgpt_jax.stages import common, sft
 from instructgpt_jax.train import checkpoint, compiles, sharding, steps
-from instructgpt_jax.train.state import TrainState
+from instructgpt_jax.train.state import FROZEN_KEY, TrainState
 
 EVAL_FILE = "ppo_eval.json"
 REWARDS = ("model", "gold")  # the reward model's score, or the task suite's gold score (an oracle upper bound)
 BASELINES = ("value", "leave_one_out")  # GAE on the RM-initialised value model, or RLOO's (ppo.samples_per_prompt)
-STEP_KEYS = ("tokens", "prompt_mask", "response_mask", "logprobs", "values", "advantages", "returns")
+STEP_KEYS = ("tokens", "prompt_mask", "response_mask", "logprobs", "ref_logprobs", "values", "advantages", "returns")
 
 
 def validate_ppo_config(config) -> None:
@@ -173,19 +173,42 @@ def reward_config(config):
 # ------------------------------------------------------------------------------ one iteration
 
 
-class Trainer:
-    """Holds the jitted functions and frozen models of a run; `iterate` advances the state by one iteration."""
+def same_weights(a, b) -> bool:
+    """Whether two param trees are equal, leaf for leaf (structure, shapes, dtypes and values)."""
+    a_leaves, a_tree = jax.tree.flatten(a)
+    b_leaves, b_tree = jax.tree.flatten(b)
+    if a_tree != b_tree or any((x.shape, x.dtype) != (y.shape, y.dtype) for x, y in zip(a_leaves, b_leaves)):
+        return False
+    equal = jax.jit(lambda xs, ys: jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(xs, ys)])))
+    return bool(equal(a_leaves, b_leaves))
 
-    def __init__(self, config, mesh, tokenizer, policy_model, value_model, state_shardings, ref_params, reward_fn):
+
+def reuses_reference(temperature: float, ref_params, *scoring_params) -> bool:
+    """Whether the likelihood term of a sft_loglik RM and value model can read the rollout's reference log-probs
+    (rl/rollout.RolloutSettings.reuse_reference): their frozen copies hold exactly the reference's weights, and
+    the rollout's log-probs are untempered (the term is the plain likelihood)."""
+    copies = [params.get(FROZEN_KEY) for params in scoring_params]
+    return temperature == 1.0 and all(c is not None and same_weights(c, ref_params) for c in copies)
+
+
+class Trainer:
+    """Holds the jitted functions and frozen models of a run; `iterate` advances the state by one iteration.
+    `value_params`: the value model's params at the start (default: the RM's, as when comparing policies)."""
+
+    def __init__(self, config, mesh, tokenizer, policy_model, value_model, state_shardings, ref_params, reward_fn,
+                 value_params=None):
         p = self.ppo = config.ppo
         self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
         self.ref_params, self.reward_fn = ref_params, reward_fn
+        value_params = reward_fn.params if value_params is None else value_params
+        self.reuse_reference = reuses_reference(p.temperature, ref_params, reward_fn.params, value_params)
         self.sampler = sampling.make_sampler(config, policy_model, mesh, max_new_tokens=p.max_new_tokens,
                                              top_k=p.top_k, params_shardings=state_shardings.params["policy"],
                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         self.scorer = rollout.make_scorer(config, policy_model, value_model, mesh, state_shardings.params["policy"],
-                                          state_shardings.params["value"])
-        self.step = steps.make_ppo_step(config, policy_model, value_model, mesh, state_shardings)
+                                          state_shardings.params["value"], self.reuse_reference)
+        self.step = steps.make_ppo_step(config, policy_model, value_model, mesh, state_shardings,
+                                        self.reuse_reference)
         batch = sharding.batch_sharding(mesh)
         self.take = jax.jit(lambda rollout, idx: {k: getattr(rollout, k)[idx] for k in STEP_KEYS}, out_shardings=batch)
         self.to_device = functools.partial(pipeline.to_global_batch, sharding=batch)
@@ -401,7 +424,11 @@ def run(config, workdir: str):
                                           process_count=jax.process_count())
         if data_state.get("ptx"):
             ptx_batches.set_state(data_state["ptx"])
-    trainer = Trainer(config, mesh, tokenizer, policy_model, value_model, state_shardings, ref_params, reward_fn)
+    trainer = Trainer(config, mesh, tokenizer, policy_model, value_model, state_shardings, ref_params, reward_fn,
+                      state.params["value"])
+    if trainer.reuse_reference:
+        common.log("ppo: the RM's and the value model's frozen SFT copies equal init.reference: their likelihood "
+                   "term reads the rollout's reference log-probs")
     p = config.ppo
     for iteration in range(start, p.iterations):
         with compiles.count_compilations() as compiled:

@@ -222,13 +222,15 @@ def make_rm_eval_step(config, model, mesh, params_shardings):
     return make_eval_step(rm_loss(model), config, mesh, params_shardings, sharding.batch_sharding(mesh))
 
 
-def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
+def ppo_loss(policy_model, value_model, ppo_cfg, reuse_reference: bool = False) -> LossFn:
     """PPO on params {"policy", "value"} for a minibatch of a rollout (rl/rollout.Rollout fields) plus, for
     PPO-ptx, "pretrain_tokens" [B_ptx, T+1]:
 
         loss = clipped surrogate + c_v · clipped value loss − c_H · entropy + γ_ptx · LM loss (eq. 2)
 
     With ppo.baseline = "leave_one_out" there is no value term (the advantages do not use a value model).
+    With `reuse_reference` a sft_loglik value model reads the minibatch's "ref_logprobs" instead of running its
+    frozen copy (rl/rollout.RolloutSettings.reuse_reference).
 
     No dropout: the ratio π/π_old must compare the same function the rollout sampled from."""
     from instructgpt_jax.rl import rollout
@@ -237,17 +239,18 @@ def ppo_loss(policy_model, value_model, ppo_cfg) -> LossFn:
         del rng
         args = (batch["tokens"], batch["prompt_mask"], batch["response_mask"])
         mask = batch["response_mask"]
-        logprobs, logits = rollout.response_logprobs(policy_model, params["policy"], *args, ppo_cfg.temperature)
+        logprobs, entropies = rollout.response_logprobs(policy_model, params["policy"], *args, ppo_cfg.temperature)
         policy_loss, metrics = losses.ppo_policy_loss(logprobs, batch["logprobs"], batch["advantages"], mask,
                                                       ppo_cfg.clip)
-        entropy = losses.masked_mean(losses.entropy(logits), mask)
+        entropy = losses.masked_mean(entropies, mask)
         loss = policy_loss - ppo_cfg.entropy_coef * entropy
         metrics.update(policy_loss=policy_loss, entropy=entropy)
         # pmap: the PPO terms (and metrics) are means over response tokens, the ptx term over equal rows.
         metrics[pmap.WEIGHTS] = {"loss": mask.sum(), "ptx_loss": 1.0}
         metrics[pmap.TERMS] = {"policy_loss": 1.0, "entropy": -ppo_cfg.entropy_coef}
         if ppo_cfg.baseline == "value":  # leave_one_out: no value model in the advantages, none trained
-            values = rollout.response_values(value_model, params["value"], *args)
+            reference = batch["ref_logprobs"] if reuse_reference else None
+            values = rollout.response_values(value_model, params["value"], *args, reference)
             value_loss, value_clip_fraction = losses.ppo_value_loss(values, batch["values"], batch["returns"], mask,
                                                                     ppo_cfg.value_clip)
             loss = loss + ppo_cfg.value_coef * value_loss
@@ -273,9 +276,10 @@ def make_ppo_optimizer(config) -> optax.GradientTransformation:
                                  param_labels={"policy": "policy", "value": "value"})
 
 
-def make_ppo_step(config, policy_model, value_model, mesh, state_shardings):
+def make_ppo_step(config, policy_model, value_model, mesh, state_shardings, reuse_reference: bool = False):
     """One PPO minibatch update; EMA of the policy weights (InstructGPT: 0.992) when ppo.ema_decay > 0."""
     ema = config.ppo.ema_decay or None
-    return make_update_step(ppo_loss(policy_model, value_model, config.ppo), config, mesh, state_shardings,
+    loss_fn = ppo_loss(policy_model, value_model, config.ppo, reuse_reference)
+    return make_update_step(loss_fn, config, mesh, state_shardings,
                             sharding.batch_sharding(mesh), ema_decay=ema, ema_of=lambda params: params["policy"],
                             tx=make_ppo_optimizer(config))
