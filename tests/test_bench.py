@@ -27,6 +27,8 @@ def test_benchmark_prints_a_table_and_writes_json(name, tmp_path, capsys):
     if name == "ppo":
         assert rows[0]["episodes_per_s"] > 0 and rows[0]["recompilations"] == 0
         assert rows[0]["generate_s"] > 0 and rows[0]["update_s"] > 0
+        # the tiny RM's form, its frozen copies holding the reference: the scoring path of the pipeline's PPO
+        assert rows[0]["rm_score"] == "final_token+sft_loglik" and rows[0]["reuses_reference"]
     assert name in capsys.readouterr().out
 
 
