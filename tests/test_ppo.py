@@ -422,8 +422,8 @@ def test_leave_one_out_ppo_samples_each_prompt_k_times_and_leaves_the_value_mode
 
 def test_ppo_takes_the_score_form_of_the_reward_model_it_loads(env, earlier_stages, capsys):
     """An RM trained with the frozen SFT likelihood term: PPO's value model and evaluation follow its record,
-    the term reads the rollout's reference log-probs, and the value's frozen copy is still the RM's after an update; a value initialised from an RM of the
-    other form is refused with one error naming both keys."""
+    the term reads the rollout's reference log-probs, and the value's frozen copy is still the RM's after an
+    update; a value initialised from an RM of the other form is refused with one error naming both keys."""
     root, tokenizer_path = env
     c = stage_config("rm", root, tokenizer_path)
     c.labeler.num_demonstrations, c.rm.ceiling_prompts, c.rm.best_of_n_prompts = 200, 50, 0

@@ -5,8 +5,8 @@ iteration, --minibatch per update and --epochs passes over the batch; policy, re
 reward models are randomly initialised (speed does not depend on the weights) and EOS is never
 sampled, so every response runs ppo.max_new_tokens steps: a fixed amount of work. --rm-score picks the
 reward model's form; with final_token+sft_loglik (the tiny RM's) the RM's and value's frozen copies hold
-the reference's weights, as after the pipeline's RM stage, so their term reads the reference log-probs. The first iteration
-(compilation) is excluded; the median over --repeats iterations is reported, bracketed by the matmul
+the reference's weights, as after the pipeline's RM stage, so their term reads the reference log-probs.
+The first iteration (compilation) is excluded; the median over --repeats iterations is reported, bracketed by the matmul
 peak measured before and after. generate = KV-cache sampling; score = policy, reference, value and RM
 forward passes + rewards + GAE; update = every PPO minibatch step (with the PPO-ptx pretraining batch).
 """
@@ -101,7 +101,8 @@ def measure(args, size: str) -> list[dict]:
     median = {k: float(np.median([m[k] for m in times])) for k in ("time_generate", "time_score", "time_update")}
     total = sum(median.values())
     return [{"size": size, "params": n_params, "rm_score": args.rm_score, "reuses_reference": trainer.reuse_reference,
-             "batch": args.batch, "minibatch": args.minibatch, "epochs": args.epochs, "prompt": c.ppo.prompt_len, "new": c.ppo.max_new_tokens,
+             "batch": args.batch, "minibatch": args.minibatch, "epochs": args.epochs, "prompt": c.ppo.prompt_len,
+             "new": c.ppo.max_new_tokens,
              "episodes_per_s": args.batch / total,
              "generate_s": median["time_generate"], "score_s": median["time_score"],
              "update_s": median["time_update"], "generate_share": median["time_generate"] / total,
