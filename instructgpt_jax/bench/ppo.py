@@ -6,8 +6,8 @@ reward models are randomly initialised (speed does not depend on the weights) an
 sampled, so every response runs ppo.max_new_tokens steps: a fixed amount of work. --rm-score picks the
 reward model's form; with final_token+sft_loglik (the tiny RM's) the RM's and value's frozen copies hold
 the reference's weights, as after the pipeline's RM stage, so their term reads the reference log-probs.
-The first iteration (compilation) is excluded; the median over --repeats iterations is reported, bracketed by the matmul
-peak measured before and after. generate = KV-cache sampling; score = policy, reference, value and RM
+The first iteration (compilation) is excluded; the median over --repeats iterations is reported,
+bracketed by the matmul peak measured before and after. generate = KV-cache sampling; score = policy, reference, value and RM
 forward passes + rewards + GAE; update = every PPO minibatch step (with the PPO-ptx pretraining batch).
 """
 from __future__ import annotations

@@ -175,12 +175,10 @@ def reward_config(config):
 
 def same_weights(a, b) -> bool:
     """Whether two param trees are equal, leaf for leaf (structure, shapes, dtypes and values)."""
-    a_leaves, a_tree = jax.tree.flatten(a)
-    b_leaves, b_tree = jax.tree.flatten(b)
-    if a_tree != b_tree or any((x.shape, x.dtype) != (y.shape, y.dtype) for x, y in zip(a_leaves, b_leaves)):
+    if jax.tree.structure(a) != jax.tree.structure(b):
         return False
-    equal = jax.jit(lambda xs, ys: jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(xs, ys)])))
-    return bool(equal(a_leaves, b_leaves))
+    return jax.tree.all(jax.tree.map(
+        lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype) and bool(jnp.array_equal(x, y)), a, b))
 
 
 def reuses_reference(temperature: float, ref_params, *scoring_params) -> bool:
