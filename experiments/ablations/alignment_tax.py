@@ -16,9 +16,9 @@ import pipeline_ablation as common  # noqa: E402
 from instructgpt_jax import configs  # noqa: E402
 
 TITLE = "Alignment tax: PPO-ptx γ vs held-out LM loss, few-shot accuracy and gold score (tiny)"
-# 0 is plain PPO, 27.8 InstructGPT's γ, 0.02 the tiny default. The tiny SFT model sits 0.57 nats above its
-# pretraining optimum, so there γ = 0.02 already holds the LM loss at SFT's, 1 overshoots, 27.8 swamps PPO.
-VARIANTS = {"gamma_0": "ptx_coef=0.0", "gamma_0.02": "ptx_coef=0.02", "gamma_1": "ptx_coef=1.0",
+# 0 is plain PPO, 27.8 InstructGPT's γ, 0.01 the tiny default. The tiny SFT model sits 0.57 nats above its
+# pretraining optimum, so there γ = 0.01 already holds the LM loss at SFT's, 1 overshoots, 27.8 swamps PPO.
+VARIANTS = {"gamma_0": "ptx_coef=0.0", "gamma_0.01": "ptx_coef=0.01", "gamma_1": "ptx_coef=1.0",
             "gamma_27.8": "ptx_coef=27.8"}
 COLUMNS = ["variant", "ptx_coef", "lm_loss", "sft_lm_loss", "pretrained_lm_loss", "0_shot", "3_shot", "gold",
            "gold_ci95", "kl_to_sft"]
