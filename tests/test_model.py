@@ -135,3 +135,39 @@ def test_flops_per_token_follows_palm():
     n = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 512 * 64
     assert gpt.matmul_params(cfg) == n
     assert gpt.train_flops_per_token(cfg, 64) == 6 * n + 12 * 2 * 64 * 64
+
+
+@pytest.mark.parametrize("x_shape, w_shape", [
+    ((2, 5, 8), (8, 3, 2, 4)),    # qkv: x narrower than the output (xᵀ·dy)
+    ((2, 5, 2, 4), (2, 4, 8)),    # attention out: equal widths
+    ((2, 5, 16), (16, 4)),        # MLP proj: the output narrower ((dyᵀ·x)ᵀ)
+])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_projection_value_and_gradients_equal_autodiff_of_the_contraction(x_shape, w_shape, dtype):
+    n_in = len(x_shape) - 2
+    kx, kw, kd = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, x_shape, dtype)
+    w = jax.random.normal(kw, w_shape, dtype)
+    dy = jax.random.normal(kd, x_shape[:2] + w_shape[n_in:], dtype)
+    y, vjp = jax.vjp(lambda a, b: gpt.project(a, b, n_in), x, w)
+    want_y, want_vjp = jax.vjp(lambda a, b: gpt._contract(a, b, n_in), x, w)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(y), np.float32(want_y), rtol=tol, atol=tol)
+    for got, want in zip(vjp(dy), want_vjp(dy)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_keep_the_loss_and_gradients(remat):
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 64)
+
+    def loss_and_grads(cfg):
+        model = gpt.GPT(cfg)
+        params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1])["params"])
+        loss = lambda p: losses.lm_loss(model.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (value, grads), (want, want_grads) = loss_and_grads(tiny_cfg(remat=remat)), loss_and_grads(tiny_cfg())
+    assert float(value) == pytest.approx(float(want), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, want_grads)

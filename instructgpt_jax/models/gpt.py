@@ -10,6 +10,7 @@ also serves the sparse patterns. With `decode=True` the attention layers keep a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -64,23 +65,61 @@ def normal(std):
     return nn.initializers.normal(stddev=std)
 
 
+def _contract(x, w, n_in: int):
+    """x [*batch, *in] · w [*in, *out] -> [*batch, *out]: x's last n_in axes against w's first n_in."""
+    n_batch = x.ndim - n_in
+    return jax.lax.dot_general(x, w, ((tuple(range(n_batch, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x, w, n_in: int):
+    """x [*batch, *in] · w [*in, *out] -> [*batch, *out], contracting x's last n_in axes with w's first n_in.
+
+    The value of the einsum; the custom VJP only orders the weight gradient's operands. XLA:CPU copies the left
+    operand of a matmul that contracts the token axis into a transposed layout. Autodiff puts the cotangent
+    there (transpose(dyᵀ·x)), so every weight gradient copied a [tokens, out] array, 4× the width of x for the
+    MLP's fc. Here the narrower of x and dy goes on the left (xᵀ·dy, or (dyᵀ·x)ᵀ with a weight-sized transpose)."""
+    return _contract(x, w, n_in)
+
+
+def _project_fwd(x, w, n_in):
+    return _contract(x, w, n_in), (x, w)
+
+
+def _project_bwd(n_in, residuals, dy):
+    x, w = residuals
+    n_batch, n_out = x.ndim - n_in, w.ndim - n_in
+    dx = jax.lax.dot_general(dy, w, ((tuple(range(n_batch, dy.ndim)), tuple(range(n_in, w.ndim))), ((), ())))
+    batch = (tuple(range(n_batch)),) * 2
+    if math.prod(x.shape[n_batch:]) <= math.prod(dy.shape[n_batch:]):
+        dw = jax.lax.dot_general(x, dy, (batch, ((), ())))
+    else:
+        dw = jax.lax.dot_general(dy, x, (batch, ((), ())))
+        dw = jnp.transpose(dw, tuple(range(n_out, w.ndim)) + tuple(range(n_out)))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Projection(nn.Module):
-    """y = einsum(spec, x, W) + b with W's full shape and logical names (DenseGeneral flattens W at init,
-    which breaks logical sharding constraints on multi-axis kernels)."""
+    """y = x · W + b contracting x's trailing axes with W's leading ones, W [*in, *out] with its full shape and
+    logical names (DenseGeneral flattens W at init, which breaks logical sharding constraints on multi-axis
+    kernels); b has W's output axes (`bias_names`), so len(kernel_shape) - len(bias_names) axes are contracted."""
 
     kernel_shape: tuple
     kernel_names: tuple
     bias_names: tuple
-    spec: str
     std: float
     dtype: Any
 
     @nn.compact
     def __call__(self, x):
-        bias_shape = self.kernel_shape[-len(self.bias_names):]
+        n_in = len(self.kernel_shape) - len(self.bias_names)
         w = self.param("kernel", nn.with_logical_partitioning(normal(self.std), self.kernel_names), self.kernel_shape)
-        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names), bias_shape)
-        return jnp.einsum(self.spec, x.astype(self.dtype), w.astype(self.dtype)) + b.astype(self.dtype)
+        b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names),
+                       self.kernel_shape[n_in:])
+        return project(x.astype(self.dtype), w.astype(self.dtype), n_in) + b.astype(self.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -91,7 +130,7 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x, positions, kv_valid, deterministic, decode):
         cfg = self.cfg
         qkv = Projection((cfg.d_model, 3, cfg.n_heads, cfg.d_head), ("embed", None, "heads", "kv"), (None, "heads", "kv"),
-                         "btd,dkhe->btkhe", 0.02, cfg.compute_dtype, name="qkv")(x)  # one fused matmul, as GPT-2's c_attn
+                         0.02, cfg.compute_dtype, name="qkv")(x)  # one fused matmul, as GPT-2's c_attn
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "act_heads", "kv")) for t in (q, k, v))
 
@@ -112,7 +151,7 @@ class CausalSelfAttention(nn.Module):
         # GPT-2 §2.3: residual projections scaled by 1/sqrt(N) at init, N = 2·n_layers residual layers.
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         out = Projection((cfg.n_heads, cfg.d_head, cfg.d_model), ("heads", "kv", "embed"), ("embed",),
-                         "bthe,hed->btd", out_std, cfg.compute_dtype, name="out")(out)
+                         out_std, cfg.compute_dtype, name="out")(out)
         return out
 
     def _update_cache(self, k, v, positions, kv_valid):
@@ -145,13 +184,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        h = nn.Dense(cfg.d_ff, dtype=cfg.compute_dtype, name="fc",
-                     kernel_init=nn.with_logical_partitioning(normal(0.02), ("embed", "mlp")),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+        h = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), ("mlp",), 0.02, cfg.compute_dtype, name="fc")(x)
         h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "length", "act_mlp"))
-        return nn.Dense(cfg.d_model, dtype=cfg.compute_dtype, name="proj",
-                        kernel_init=nn.with_logical_partitioning(normal(0.02 / math.sqrt(2 * cfg.n_layers)), ("mlp", "embed")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(h)
+        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        return Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), ("embed",), out_std, cfg.compute_dtype,
+                          name="proj")(h)
 
 
 def layer_norm(cfg: GPTConfig, name: str):
