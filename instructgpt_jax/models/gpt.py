@@ -65,6 +65,11 @@ def normal(std):
     return nn.initializers.normal(stddev=std)
 
 
+def residual_std(cfg: GPTConfig) -> float:
+    """GPT-2 §2.3: residual projections scaled by 1/sqrt(N) at init, N = 2·n_layers residual layers."""
+    return 0.02 / math.sqrt(2 * cfg.n_layers)
+
+
 def _contract(x, w, n_in: int):
     """x [*batch, *in] · w [*in, *out] -> [*batch, *out]: x's last n_in axes against w's first n_in."""
     n_batch = x.ndim - n_in
@@ -148,10 +153,8 @@ class CausalSelfAttention(nn.Module):
             q_pos=q_pos, k_pos=k_pos, k_valid=k_valid,
             dropout_rate=cfg.attn_dropout, dropout_rng=dropout_rng, deterministic=deterministic,
         )
-        # GPT-2 §2.3: residual projections scaled by 1/sqrt(N) at init, N = 2·n_layers residual layers.
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
         out = Projection((cfg.n_heads, cfg.d_head, cfg.d_model), ("heads", "kv", "embed"), ("embed",),
-                         out_std, cfg.compute_dtype, name="out")(out)
+                         residual_std(cfg), cfg.compute_dtype, name="out")(out)
         return out
 
     def _update_cache(self, k, v, positions, kv_valid):
@@ -186,9 +189,8 @@ class MLP(nn.Module):
         cfg = self.cfg
         h = Projection((cfg.d_model, cfg.d_ff), ("embed", "mlp"), ("mlp",), 0.02, cfg.compute_dtype, name="fc")(x)
         h = nn.with_logical_constraint(nn.gelu(h, approximate=True), ("batch", "length", "act_mlp"))
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
-        return Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), ("embed",), out_std, cfg.compute_dtype,
-                          name="proj")(h)
+        return Projection((cfg.d_ff, cfg.d_model), ("mlp", "embed"), ("embed",), residual_std(cfg),
+                          cfg.compute_dtype, name="proj")(h)
 
 
 def layer_norm(cfg: GPTConfig, name: str):
