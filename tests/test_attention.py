@@ -192,8 +192,9 @@ def test_combine_resolves_strided_and_fixed():
 
 # ---------------------------------------------------------------- decoding with positions
 
+@pytest.mark.parametrize("kv_heads_major", (False, True))
 @pytest.mark.parametrize("pattern", ("local", "strided_union", "fixed_split_heads"))
-def test_decode_path_equals_training_rows(pattern):
+def test_decode_path_equals_training_rows(pattern, kv_heads_major):
     cfg = small_cfg()
     B, T, H, D = 2, 24, 2, 8
     q, k, v, garbage = qkv(B, T, H, D)
@@ -202,12 +203,21 @@ def test_decode_path_equals_training_rows(pattern):
     written = jnp.arange(T)[None] <= steps[:, None]
     cache_k = jnp.where(written[..., None, None], k, garbage)
     cache_v = jnp.where(written[..., None, None], v, -garbage)
+    if kv_heads_major:  # the KV cache's own layout [B, H, S, D]
+        cache_k, cache_v = jnp.swapaxes(cache_k, 1, 2), jnp.swapaxes(cache_v, 1, 2)
     q_now = jnp.take_along_axis(q, steps[:, None, None, None], axis=1)
     out = attend(q_now, cache_k, cache_v, pattern=pattern, attention_cfg=cfg,
-                           q_pos=steps[:, None], k_pos=jnp.broadcast_to(jnp.arange(T), (B, T)),
-                           k_valid=written)
+                 q_pos=steps[:, None], k_pos=jnp.broadcast_to(jnp.arange(T), (B, T)),
+                 k_valid=written, kv_heads_major=kv_heads_major)
     expected = jnp.take_along_axis(full, steps[:, None, None, None], axis=1)
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_heads_major_keys_are_refused_by_the_training_implementations():
+    q, k, v, _ = qkv(1, 32, 2, 8)
+    with pytest.raises(ValueError, match="kv_heads_major"):
+        attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), pattern="local", attention_cfg=small_cfg(),
+               kv_heads_major=True)
 
 
 # ---------------------------------------------------------------- implementations and their choice

@@ -1,6 +1,8 @@
 """The one attention function of the model, with dense and sparse causal patterns.
 
-`attend` serves every layer. q: [B, T, H, D]; k, v: [B, S, H, D]; returns [B, T, H, D].
+`attend` serves every layer. q: [B, T, H, D]; k, v: [B, S, H, D]; returns [B, T, H, D]. Decoding reads
+the KV cache heads-major, k, v: [B, H, S, D] (`kv_heads_major=True`), the layout its score and value
+contractions take without a transpose of the whole cache at every step.
 
 Two calling modes:
 - training (q_pos, k_pos, k_valid all None): causal self-attention over positions 0..T-1 (T == S);
@@ -164,16 +166,19 @@ def block_plans(pattern: str, params: PatternParams, T: int, block: int):
 
 # ---------------------------------------------------------------- implementations
 
-def reference_attention(q, k, v, mask, dropout_rate=0.0, dropout_rng=None, deterministic=True):
-    """Masked dense attention, the oracle. mask: bool broadcastable to [B, H, T, S]."""
+def reference_attention(q, k, v, mask, dropout_rate=0.0, dropout_rng=None, deterministic=True,
+                        kv_heads_major=False):
+    """Masked dense attention, the oracle. mask: bool broadcastable to [B, H, T, S]; k, v: [B, S, H, D],
+    or [B, H, S, D] with kv_heads_major."""
+    kv = "bhsd" if kv_heads_major else "bshd"
     scale = 1.0 / np.sqrt(q.shape[-1])
-    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum(f"bthd,{kv}->bhts", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(jnp.where(mask, logits, block_sparse.NEG), axis=-1)
     probs = jnp.where(mask, probs, 0.0)  # rows with no allowed key give 0, as block_sparse does
     if dropout_rate > 0.0 and not deterministic:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+    return jnp.einsum(f"bhts,{kv}->bthd", probs.astype(v.dtype), v)
 
 
 def xla_dense_attention(q, k, v):
@@ -261,30 +266,36 @@ def choose_implementation(requested: str, pattern: str, q, training: bool, dropo
 
 
 def attend(q, k, v, *, pattern="dense", attention_cfg=None, q_pos=None, k_pos=None,
-           k_valid=None, dropout_rate=0.0, dropout_rng=None, deterministic=True):
+           k_valid=None, dropout_rate=0.0, dropout_rng=None, deterministic=True, kv_heads_major=False):
     """Causal attention of one layer under `pattern` (a name from layer_pattern); see the module
     docstring for the two calling modes. attention_cfg: default_config() shaped, None = defaults."""
     groups = head_groups(pattern)
     if len(groups) > 1:  # split heads: consecutive equal groups of heads, one pattern each
-        split = lambda x: jnp.split(x, len(groups), axis=2)
+        split = lambda x, axis=2: jnp.split(x, len(groups), axis=axis)
+        kv_axis = 1 if kv_heads_major else 2
         outs = [attend(qg, kg, vg, pattern=p, attention_cfg=attention_cfg, q_pos=q_pos, k_pos=k_pos,
                        k_valid=k_valid, dropout_rate=dropout_rate, deterministic=deterministic,
-                       dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, g))
-                for g, (p, qg, kg, vg) in enumerate(zip(groups, split(q), split(k), split(v)))]
+                       dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, g),
+                       kv_heads_major=kv_heads_major)
+                for g, (p, qg, kg, vg) in enumerate(zip(groups, split(q), split(k, kv_axis), split(v, kv_axis)))]
         return jnp.concatenate(outs, axis=2)
     cfg = attention_cfg if attention_cfg is not None else default_config()
     params = PatternParams.of(cfg)
     training = q_pos is None and k_pos is None and k_valid is None
     dropout = dropout_rate > 0.0 and not deterministic
     impl = choose_implementation(cfg.implementation, pattern, q, training, dropout, cfg.block_size)
+    if kv_heads_major and impl != "reference":
+        raise ValueError(f"kv_heads_major (the KV cache's layout) is read only by the reference implementation "
+                         f"that decoding uses, not by {impl!r}")
     if impl == "reference":
-        T, S = q.shape[1], k.shape[1]
+        T, S = q.shape[1], k.shape[2 if kv_heads_major else 1]
         q_pos = jnp.arange(T)[None] if q_pos is None else q_pos
         k_pos = jnp.arange(S)[None] if k_pos is None else k_pos
         mask = token_mask(pattern, q_pos, k_pos, cfg)  # [B|1, T, S]
         if k_valid is not None:
             mask = mask & k_valid[:, None, :]
-        return reference_attention(q, k, v, mask[:, None], dropout_rate, dropout_rng, deterministic)
+        return reference_attention(q, k, v, mask[:, None], dropout_rate, dropout_rng, deterministic,
+                                   kv_heads_major)
     if impl == "xla":
         return xla_dense_attention(q, k, v)
     if impl == "block_sparse":

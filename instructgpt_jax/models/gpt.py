@@ -5,7 +5,8 @@ a GELU MLP, a final LayerNorm and an unembedding tied to the token embedding. Pa
 float32 and annotated with logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`); the
 compute dtype is configurable. Every layer's attention goes through `attention.attend`, which
 also serves the sparse patterns. With `decode=True` the attention layers keep a KV cache in the
-"cache" collection: call once with the (left-padded) prompt, then one token at a time.
+"cache" collection, keys and values heads-major [B, H, S, D]: call once with the (left-padded) prompt,
+then one token at a time.
 """
 from __future__ import annotations
 
@@ -152,29 +153,32 @@ class CausalSelfAttention(nn.Module):
             pattern=attention.layer_pattern(cfg.attention, self.layer), attention_cfg=cfg.attention,
             q_pos=q_pos, k_pos=k_pos, k_valid=k_valid,
             dropout_rate=cfg.attn_dropout, dropout_rng=dropout_rng, deterministic=deterministic,
+            kv_heads_major=decode,
         )
         out = Projection((cfg.n_heads, cfg.d_head, cfg.d_model), ("heads", "kv", "embed"), ("embed",),
                          residual_std(cfg), cfg.compute_dtype, name="out")(out)
         return out
 
     def _update_cache(self, k, v, positions, kv_valid):
-        """Writes this call's keys/values at the cache cursor; returns the whole cache."""
+        """Writes this call's keys/values at the cache cursor; returns the whole cache, keys and values
+        heads-major [B, H, S, D] (decode attention then contracts them without transposing the cache)."""
         B, T, H, D = k.shape
         S = self.cfg.max_len
         initialized = self.has_variable("cache", "key")
         zeros = lambda shape, dtype: (lambda: jnp.zeros(shape, dtype))  # noqa: E731
-        ck = self.variable("cache", "key", zeros((B, S, H, D), k.dtype))
-        cv = self.variable("cache", "value", zeros((B, S, H, D), v.dtype))
+        ck = self.variable("cache", "key", zeros((B, H, S, D), k.dtype))
+        cv = self.variable("cache", "value", zeros((B, H, S, D), v.dtype))
         cpos = self.variable("cache", "positions", zeros((B, S), jnp.int32))
         cvalid = self.variable("cache", "valid", zeros((B, S), jnp.bool_))
         cursor = self.variable("cache", "cursor", zeros((), jnp.int32))
         if kv_valid is None:
             kv_valid = jnp.ones((B, T), jnp.bool_)
+        heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
         if not initialized:  # model.init(decode=True) only creates the (empty) cache
-            return k, v, positions, kv_valid
+            return heads_major(k), heads_major(v), positions, kv_valid
         i = cursor.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
+        ck.value = jax.lax.dynamic_update_slice(ck.value, heads_major(k), (0, 0, i, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, heads_major(v), (0, 0, i, 0))
         cpos.value = jax.lax.dynamic_update_slice(cpos.value, positions.astype(jnp.int32), (0, i))
         cvalid.value = jax.lax.dynamic_update_slice(cvalid.value, kv_valid, (0, i))
         cursor.value = i + T
