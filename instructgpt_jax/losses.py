@@ -327,10 +327,14 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     """Clipped value loss (as in OpenAI baselines' PPO2, used by Ziegler et al. 2019):
     ½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), averaged over response tokens.
     Returns (loss, clip fraction)."""
-    clipped_values = old_values + jnp.clip(values - old_values, -clip, clip)
+    change = values - old_values
+    clipped_values = old_values + jnp.clip(change, -clip, clip)
     unclipped_loss, clipped_loss = jnp.square(values - returns), jnp.square(clipped_values - returns)
     loss = 0.5 * masked_mean(jnp.maximum(unclipped_loss, clipped_loss), mask)
-    return loss, masked_mean((clipped_loss > unclipped_loss).astype(jnp.float32), mask)
+    # V_old + (V − V_old) need not round back to V, so an unclipped token can have the larger "clipped" loss by an
+    # ulp: count only tokens whose clip is active.
+    clipped = (jnp.abs(change) > clip) & (clipped_loss > unclipped_loss)
+    return loss, masked_mean(clipped.astype(jnp.float32), mask)
 
 
 def explained_variance(predictions, targets, mask):

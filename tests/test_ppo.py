@@ -88,6 +88,17 @@ def test_value_clipping_equals_hand_computed_values():
     assert float(clip_fraction) == pytest.approx(2 / 3)
 
 
+def test_value_clip_fraction_counts_no_token_inside_the_clip_range():
+    """V_old + (V − V_old) rounds away from V for many float32 pairs; that must not count as clipping."""
+    rng = np.random.default_rng(0)
+    old = rng.normal(size=(4, 256)).astype(np.float32)
+    new = (old + rng.uniform(-0.19, 0.19, size=old.shape)).astype(np.float32)
+    ret = rng.normal(size=old.shape).astype(np.float32)
+    assert np.any(old + (new - old) != new)  # the rounding the metric must not count happens here
+    _, clip_fraction = losses.ppo_value_loss(new, old, ret, np.ones_like(old), clip=0.2)
+    assert float(clip_fraction) == 0.0
+
+
 def test_kl_penalty_is_per_token_and_the_score_lands_on_the_last_token():
     logprobs = np.array([[-1.0, -2.0, -0.5, 0.0], [-1.0, 0.0, 0.0, 0.0]], np.float32)
     ref = np.array([[-1.5, -1.0, -0.5, -3.0], [-2.0, 0.0, 0.0, 0.0]], np.float32)
