@@ -14,6 +14,7 @@ setup(
         "flax>=0.10",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        "etils[epath]",  # orbax's path type, which its handlers take (train/checkpoint.py)
         "tensorflow-datasets>=4.9.7",  # array_record builders; TensorFlow itself is not needed
         "array_record>=0.5",
         "importlib_resources",  # tfds imports it but does not declare it

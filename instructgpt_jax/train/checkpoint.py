@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from absl import logging
 
 from instructgpt_jax.errors import CheckpointError
@@ -226,9 +227,14 @@ def load_params(workdir: str, abstract_params: Any, key: str = "params", subtree
 def _shape_mismatch(state_dir: str, abstract_params: Any, key: str, subtree: str = "") -> str:
     """'' when the checkpoint's `key` (`key`/`subtree`) has exactly abstract_params' paths and shapes, else
     what differs."""
-    metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
+    # The handler reads the item's tree metadata; a Checkpointer would also look for the step-level metadata file,
+    # which a CheckpointManager writes one directory up, and log a warning on every load.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        metadata = handler.metadata(epath.Path(state_dir))
+    finally:
+        handler.close()
+    tree = getattr(metadata, "tree", metadata)
     if key not in tree:
         return f"the checkpoint has no {key!r} (it has {sorted(tree)})"
     if subtree and subtree not in tree[key]:
