@@ -158,6 +158,32 @@ def test_contiguous_layouts_read_keys_as_slices_and_equal_the_gathered_path():
             np.testing.assert_allclose(grad, want, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("pattern", ("dense", "local"))
+def test_flash_kernel_in_any_chunking_equals_the_reference(pattern):
+    """The scan over chunks of heads (1, 2 or all 4 per step) gives the reference's output and gradients."""
+    params, T, block = attention.PatternParams(local_window=20, stride=8, fixed_c=3), 64, 16
+    plan, = attention.block_plans(pattern, params, T, block)
+    q, k, v, cotangent = (x.reshape(4, T, 8) for x in qkv(2, T, 2, 8, seed=3))
+    mask = attention.token_mask(pattern, np.arange(T), np.arange(T), small_cfg(local_window=20))
+    def reference(q, k, v):
+        return attention.reference_attention(q[:, :, None], k[:, :, None], v[:, :, None], mask[None, None])[:, :, 0]
+    want, want_grads = jax.value_and_grad(lambda *x: jnp.sum(reference(*x) * cotangent), (0, 1, 2))(q, k, v)
+    for heads in (1, 2, 4):
+        loss = lambda q, k, v, h=heads: jnp.sum(block_sparse.flash_attention(plan, h, q / np.sqrt(8), k, v) * cotangent)
+        value, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+        np.testing.assert_allclose(value, want, rtol=1e-5)
+        for grad, want_grad in zip(grads, want_grads):
+            np.testing.assert_allclose(grad, want_grad, atol=1e-5)
+
+
+def test_heads_per_chunk_divides_the_heads_and_fits_the_budget():
+    assert block_sparse.heads_per_chunk(64, 512, 64, 4) == 2  # 4 x 2 x 512 x 64 x 4 bytes = 1 MiB
+    assert block_sparse.heads_per_chunk(64, 512, 64, 2) == 4
+    assert block_sparse.heads_per_chunk(6, 512, 64, 4) == 2
+    assert block_sparse.heads_per_chunk(7, 512, 64, 4) == 1
+    assert block_sparse.heads_per_chunk(4, 8192, 128, 4) == 1  # nothing fits: one head per step
+
 def test_residue_major_order_makes_strided_a2_block_diagonal():
     params = attention.PatternParams(local_window=1, stride=16, fixed_c=1)
     plan, = attention.block_plans("strided_a2", params, 256, 16)
