@@ -90,6 +90,9 @@ def main(argv):
 
 
 def run():
+    from instructgpt_jax import host_memory
+
+    host_memory.use_huge_pages_for_large_allocations()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -11,7 +11,6 @@ import argparse
 import importlib
 import sys
 
-from instructgpt_jax.bench import common
 from instructgpt_jax.errors import UserError, report
 
 BENCHMARKS = ("attention", "train", "decode", "ppo")
@@ -49,6 +48,8 @@ def main(argv=None) -> int:
 
 
 def run(parser, args) -> int:
+    from instructgpt_jax.bench import common
+
     if args.benchmark != "all":
         rows = importlib.import_module(f"instructgpt_jax.bench.{args.benchmark}").run(args)
         if args.json:
@@ -65,4 +66,7 @@ def run(parser, args) -> int:
 
 
 if __name__ == "__main__":
+    from instructgpt_jax import host_memory
+
+    host_memory.use_huge_pages_for_large_allocations()
     sys.exit(main())
