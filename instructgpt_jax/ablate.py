@@ -147,7 +147,7 @@ def main(argv):
 if __name__ == "__main__":
     from instructgpt_jax import host_memory
 
-    host_memory.use_huge_pages_for_large_allocations()
+    host_memory.keep_scratch_memory_mapped()
     flags.DEFINE_string("workdir", None, "Where the variants' workdirs and the tables go.")
     flags.DEFINE_list("only", [], "Run only these variants.")
     app.run(main)

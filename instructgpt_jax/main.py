@@ -92,7 +92,7 @@ def main(argv):
 def run():
     from instructgpt_jax import host_memory
 
-    host_memory.use_huge_pages_for_large_allocations()
+    host_memory.keep_scratch_memory_mapped()
     app.run(main, flags_parser=parse_flags)
 
 

@@ -68,5 +68,5 @@ def run(parser, args) -> int:
 if __name__ == "__main__":
     from instructgpt_jax import host_memory
 
-    host_memory.use_huge_pages_for_large_allocations()
+    host_memory.keep_scratch_memory_mapped()
     sys.exit(main())
