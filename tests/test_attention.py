@@ -328,16 +328,20 @@ def test_validate_accepts_good_configs():
                        64, 4, dropout_rate=0.1)
 
 
-def test_block_sparse_on_sharded_batch_and_heads():
+@pytest.mark.parametrize("pattern", ("fixed_union", "dense"))  # the merged components; the flash kernel
+def test_block_sparse_on_sharded_batch_and_heads(pattern):
     """Batch over a 'data' mesh axis and heads over 'tensor', as the model shards activations."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     devices = np.array(jax.devices()[:8]).reshape(4, 2)
     sharding = NamedSharding(Mesh(devices, ("data", "tensor")), PartitionSpec("data", None, "tensor", None))
     cfg = small_cfg()
-    q, k, v, _ = qkv(4, 32, 4, 8)
-    run = jax.jit(lambda q, k, v: attention.attend(q, k, v, pattern="fixed_union", attention_cfg=cfg))
-    sharded = run(*(jax.device_put(x, sharding) for x in (q, k, v)))
-    np.testing.assert_allclose(sharded, run(q, k, v), atol=1e-6)
+    q, k, v, cotangent = qkv(4, 32, 4, 8)
+    loss = lambda q, k, v: jnp.sum(attention.attend(q, k, v, pattern=pattern, attention_cfg=cfg) * cotangent)
+    run = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+    (value, grads), (want, want_grads) = run(*(jax.device_put(x, sharding) for x in (q, k, v))), run(q, k, v)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    for grad, want_grad in zip(grads, want_grads):
+        np.testing.assert_allclose(grad, want_grad, atol=1e-5)
 
 
 def test_block_sparse_in_bfloat16_is_close_to_the_f32_reference():
