@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
 
 def run(parser, args) -> int:
-    from instructgpt_jax.bench import common
+    from instructgpt_jax.bench import common  # imports JAX: only after host_memory's re-execution (below)
 
     if args.benchmark != "all":
         rows = importlib.import_module(f"instructgpt_jax.bench.{args.benchmark}").run(args)

@@ -177,8 +177,9 @@ def _bucket_attention(plan: ComponentPlan, bucket: Bucket, q_blocks, k_blocks, v
 
 
 def _unnormalised_softmax(scores, mask):
-    """exp(scores − row max) with masked entries exactly 0, its row sums and the (gradient-free) row max."""
-    s = jnp.where(mask, scores, NEG)
+    """exp(scores − row max) with masked entries exactly 0, its row sums and the (gradient-free) row max.
+    mask None: every entry allowed."""
+    s = scores if mask is None else jnp.where(mask, scores, NEG)
     m = jax.lax.stop_gradient(jnp.maximum(s.max(axis=-1), MAX_FLOOR))  # softmax ignores the shift
     p = jnp.exp(s - m[..., None])  # masked entries: exp(NEG - m) == 0 exactly
     return p, p.sum(axis=-1), m
@@ -279,10 +280,8 @@ def _chunk_forward(plan: ComponentPlan, q, k, v):
     gets output 0 and log-sum-exp +1e30, so that its recomputed probabilities are 0."""
     outs, lses = [], []
     for q0, q1, k0, k1, mask in _row_blocks(plan):
-        s = _masked_scores(q[:, q0:q1], k[:, k0:k1], mask)
-        m = jnp.maximum(s.max(axis=-1), MAX_FLOOR)
-        p = jnp.exp(s - m[..., None])
-        l = p.sum(axis=-1)
+        s = jnp.einsum("nqd,nkd->nqk", q[:, q0:q1], k[:, k0:k1], preferred_element_type=jnp.float32)
+        p, l, m = _unnormalised_softmax(s, mask)
         has_key, l_safe = l > 0, jnp.where(l > 0, l, 1.0)
         num = jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v[:, k0:k1], preferred_element_type=jnp.float32)
         outs.append(num / l_safe[..., None])

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from absl import logging
+from etils import epath
 
 from instructgpt_jax.errors import CheckpointError
 
