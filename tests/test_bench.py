@@ -43,3 +43,32 @@ def test_impossible_attention_settings_are_one_error_line(capsys):
 def test_train_profile_writes_a_trace(tmp_path):
     assert bench.main(["train", "--repeats", "1", *CASES["train"], "--profile", str(tmp_path / "trace")]) == 0
     assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+
+
+def test_train_reference_times_the_same_model_in_pytorch(tmp_path):
+    pytest.importorskip("torch", reason="the `hf` extra (pip install -e '.[hf]') is not installed")
+    path = tmp_path / "train.json"
+    args = ["train", "--repeats", "1", "--json", str(path), "--size", "test", "--batch", "2", "--seq", "32",
+            "--matmul-n", "256", "--reference", "eager"]
+    assert bench.main(args) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["framework"].split()[0] for row in rows] == ["jax", "pytorch-eager"]
+    assert all(row["step_ms"] > 0 and row["own_utilisation"] > 0 for row in rows)
+    assert rows[0]["own_utilisation"] == pytest.approx(rows[0]["utilisation"])
+
+
+def test_reference_without_torch_is_one_error_line(monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch":
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    assert bench.main(["train", *CASES["train"], "--reference", "eager"]) == 2
+    assert "needs PyTorch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["train", "--reference", "jit"])

@@ -41,6 +41,16 @@ def chunk_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}") from e
 
 
+def reference_modes(text: str) -> list[str]:
+    from instructgpt_jax.bench import torch_reference
+
+    modes = [m for m in text.split(",") if m]
+    unknown = [m for m in modes if m not in torch_reference.MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown PyTorch mode(s) {unknown}; choose from {torch_reference.MODES}")
+    return modes
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="", help="a configs size name instead of the default 8L/512 shape")
     parser.add_argument("--batch", type=int, default=8)
@@ -56,6 +66,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lm-head-chunk", type=chunk_list, default=None,
                         help="model.lm_head_chunk: tokens per chunk of the LM head + cross-entropy, 0 = full logits "
                         "(default: the config's); a list (0,1024) times each, interleaved in one process")
+    parser.add_argument("--reference", type=reference_modes, default=[],
+                        help="also time the same model written in PyTorch, interleaved with this step: 'eager', "
+                        "'compile' or both ('eager,compile'); needs torch (bench/torch_reference.py)")
 
 
 def bench_config(args):
@@ -102,39 +115,57 @@ def pretrain_stepper(c):
 
 def run(args) -> list[dict]:
     c = bench_config(args)
+    if args.reference:
+        from instructgpt_jax.bench import torch_reference
+
+        torch_reference.import_torch()  # fail before compiling anything
     chunks = list(dict.fromkeys(args.lm_head_chunk or [c.model.lm_head_chunk]))  # one row per distinct value
-    variants = {}
+    variants, scratch = {}, {}
     for chunk in chunks:
         c.model.lm_head_chunk = chunk
-        variants[chunk] = pretrain_stepper(c)
+        variants[("jax", chunk)], scratch[("jax", chunk)] = pretrain_stepper(c)
+    cfg = gpt.GPTConfig.from_config(c.model)
+    if args.reference:
+        tokens = np.random.default_rng(1).integers(0, c.model.vocab_size, (c.train.batch_size, c.train.seq_len + 1))
+        for mode in args.reference:
+            variants[(f"pytorch-{mode}", None)] = torch_reference.make_step(cfg, c.optim, tokens, mode)
 
     dtype = jax.numpy.dtype(c.model.dtype)
     before = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
-    timings = common.time_interleaved({chunk: (one_step, ()) for chunk, (one_step, _) in variants.items()},
+    torch_before = torch_reference.matmul_flops_per_s(args.matmul_n) if args.reference else None
+    timings = common.time_interleaved({key: (one_step, ()) for key, one_step in variants.items()},
                                       repeats=args.repeats, warmup=2)
+    torch_after = torch_reference.matmul_flops_per_s(args.matmul_n) if args.reference else None
     after = common.matmul_flops_per_s(args.matmul_n, dtype=dtype)
     if args.profile:  # outside the timed calls: tracing slows the step
         with jax.profiler.trace(args.profile):
-            jax.block_until_ready(variants[chunks[0]][0]())
+            jax.block_until_ready(variants[("jax", chunks[0])]())
 
-    cfg = gpt.GPTConfig.from_config(c.model)
     flops = c.train.batch_size * c.train.seq_len * gpt.train_flops_per_token(cfg, c.train.seq_len)
     peak_kind = datasheet_peak(getattr(jax.devices()[0], "device_kind", ""))
+    own_peak = {"jax": (before, after), **{f"pytorch-{m}": (torch_before, torch_after) for m in args.reference}}
     rows = []
-    for chunk, timing in timings.items():
+    for (framework, chunk), timing in timings.items():
         achieved = flops / timing["median_s"]
-        scratch = variants[chunk][1]
+        framework_peak = np.mean(own_peak[framework])
         rows.append({
+            "framework": framework if framework != "jax" else f"jax {jax.__version__}",
             "model": c.model.size if args.size else "8L-512", "params_M": gpt.count_params(cfg) / 1e6,
             "batch": c.train.batch_size, "seq": c.train.seq_len, "dtype": c.model.dtype, "remat": c.model.remat,
-            "attention": c.model.attention.implementation, "block": c.model.attention.block_size,
+            "attention": c.model.attention.implementation if framework == "jax" else "sdpa",
+            "block": c.model.attention.block_size if framework == "jax" else None,
             "lm_head_chunk": chunk, "step_ms": 1e3 * timing["median_s"],
             "tokens_per_s": c.train.batch_size * c.train.seq_len / timing["median_s"],
             "achieved_gflops": achieved / 1e9,
             "matmul_gflops_before": before / 1e9, "matmul_gflops_after": after / 1e9,
             "utilisation": achieved / np.mean([before, after]),
+            # against the same framework's own matmul: how the PyTorch figure of 0.7-0.8 is meant
+            "own_matmul_gflops": framework_peak / 1e9, "own_utilisation": achieved / framework_peak,
             "mfu": achieved / peak_kind if peak_kind else None,
-            "scratch_MB": None if scratch is None else scratch / 2**20,
+            "scratch_MB": None if scratch.get((framework, chunk)) is None else scratch[(framework, chunk)] / 2**20,
+            "times_ms": [round(1e3 * t, 1) for t in timing["times_s"]],  # JSON only: the spread of the median
         })
-    common.print_table(rows, list(rows[0]), title="train step (utilisation = achieved / bracketing matmul)")
+    hidden = {"times_ms"} | (set() if args.reference else {"framework", "own_matmul_gflops", "own_utilisation"})
+    columns = [k for k in rows[0] if k not in hidden]
+    common.print_table(rows, columns, title="train step (utilisation = achieved / bracketing matmul)")
     return rows
