@@ -72,3 +72,9 @@ def test_reference_without_torch_is_one_error_line(monkeypatch, capsys):
     assert "needs PyTorch" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["train", "--reference", "jit"])
+
+
+def test_reference_refuses_settings_it_does_not_reproduce(capsys):
+    assert bench.main(["train", *CASES["train"], "--remat", "full", "--reference", "eager"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --reference times the same model with dense float32 attention, "
+                                                "no dropout and no remat; this run sets model.remat='full'")

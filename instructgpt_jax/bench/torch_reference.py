@@ -66,10 +66,25 @@ def matmul_params(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if p.dim() >= 2 and not name.startswith("wpe"))
 
 
+def require_matching(cfg: gpt.GPTConfig) -> None:
+    """UserError naming the settings of cfg the reference does not reproduce: it is dense, float32, without
+    dropout or remat."""
+    layers = cfg.attention.layers if cfg.attention is not None else "dense"
+    unmatched = [] if layers == "dense" else [f"model.attention.layers={layers!r}"]
+    unmatched += [f"model.{name}={getattr(cfg, name)}" for name in ("embd_dropout", "attn_dropout", "resid_dropout")
+                  if getattr(cfg, name) > 0]
+    unmatched += [] if cfg.remat == "none" else [f"model.remat={cfg.remat!r}"]
+    unmatched += [] if cfg.dtype == "float32" else [f"model.dtype={cfg.dtype!r}"]
+    if unmatched:
+        raise UserError(f"--reference times the same model with dense float32 attention, no dropout and no remat; "
+                        f"this run sets {', '.join(unmatched)}")
+
+
 def make_step(cfg: gpt.GPTConfig, optim_cfg, tokens, mode: str):
     """A no-argument callable running one training step of the reference on tokens [B, T+1] (a numpy array)."""
     if mode not in MODES:
         raise UserError(f"--reference: unknown PyTorch mode {mode!r} (choose from {', '.join(MODES)})")
+    require_matching(cfg)
     torch = import_torch()
     torch.manual_seed(0)
     model = build_model(torch, cfg, tokens.shape[1] - 1)

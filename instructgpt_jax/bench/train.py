@@ -115,16 +115,17 @@ def pretrain_stepper(c):
 
 def run(args) -> list[dict]:
     c = bench_config(args)
+    cfg = gpt.GPTConfig.from_config(c.model)  # the FLOP count and the PyTorch reference (lm_head_chunk unused)
     if args.reference:
         from instructgpt_jax.bench import torch_reference
 
-        torch_reference.import_torch()  # fail before compiling anything
+        torch_reference.require_matching(cfg)  # both fail before compiling anything
+        torch_reference.import_torch()
     chunks = list(dict.fromkeys(args.lm_head_chunk or [c.model.lm_head_chunk]))  # one row per distinct value
     variants, scratch = {}, {}
     for chunk in chunks:
         c.model.lm_head_chunk = chunk
         variants[("jax", chunk)], scratch[("jax", chunk)] = pretrain_stepper(c)
-    cfg = gpt.GPTConfig.from_config(c.model)
     if args.reference:
         tokens = np.random.default_rng(1).integers(0, c.model.vocab_size, (c.train.batch_size, c.train.seq_len + 1))
         for mode in args.reference:
