@@ -194,6 +194,11 @@ def test_sft_loglik_score_reads_the_frozen_copy_which_no_rm_step_changes(env):
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          nn.meta.unbox(state.params["trunk"]), trunk)
     assert max(jax.tree.leaves(moved)) > 0
+    # and the optimizer holds no moments for it: two per trained parameter, none per frozen one (scalars left
+    # out on both sides: they would mix with the step counts)
+    trained = sum(x.size for k, v in params.items() if k != FROZEN_KEY for x in jax.tree.leaves(v) if x.ndim > 0)
+    moments = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(state.opt_state)) if x.ndim > 0)
+    assert moments == 2 * trained
 
 
 def test_reward_record_carries_the_score_form_and_folds_into_the_value_head(tmp_path, loglik_model):

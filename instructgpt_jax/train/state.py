@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.struct
+from flax.core import meta
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,22 +31,34 @@ def learning_rate_schedule(optim_cfg) -> optax.Schedule:
     )
 
 
-# Params under a key of this name are frozen: the model stops their gradient and they get no weight decay,
-# so AdamW leaves them exactly as loaded (a reward model's copy of the SFT policy, models/heads.py).
+# Params under a key of this name are frozen: the model stops their gradient and the optimizer leaves them
+# exactly as loaded, with no state (a reward model's copy of the SFT policy, models/heads.py).
 FROZEN_KEY = "frozen_reference"
 
 
-def decay_mask(params):
-    """Weight decay on matrices only (not biases, LayerNorm gains), and never on frozen params."""
-    def decays(path, p):
-        return p.ndim >= 2 and not any(getattr(k, "key", None) == FROZEN_KEY for k in path)
+def is_frozen(path) -> bool:
+    return any(getattr(k, "key", None) == FROZEN_KEY for k in path)
 
-    return jax.tree_util.tree_map_with_path(decays, params)
+
+def trained_or_frozen(params):
+    """optax.multi_transform labels: "frozen" for params under FROZEN_KEY, "trained" for the rest. A logically
+    partitioned param (at init) gets one label for its whole box, so that the optimizer state holds a bare
+    optax.MaskedNode for a frozen one, which has nothing to shard, rather than a box around it."""
+    is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if is_frozen(path) else "trained", params,
+                                            is_leaf=is_box)
+
+
+def decay_mask(params):
+    """Weight decay on matrices only (not biases, LayerNorm gains)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; gradient accumulation via optax.MultiSteps."""
-    tx = optax.chain(
+    """AdamW with global-norm clipping; gradient accumulation via optax.MultiSteps. Frozen params take
+    set_to_zero instead: a zero-gradient AdamW would leave them unchanged too, but would hold two moments of
+    each (a sft_loglik reward model's SFT copy would cost twice its size in optimizer state)."""
+    adamw = optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(
             learning_rate=learning_rate_schedule(optim_cfg),
@@ -53,6 +66,7 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
             weight_decay=optim_cfg.weight_decay, mask=decay_mask,
         ),
     )
+    tx = optax.multi_transform({"trained": adamw, "frozen": optax.set_to_zero()}, trained_or_frozen)
     if optim_cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=optim_cfg.grad_accum_steps)
     return tx
