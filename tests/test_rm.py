@@ -14,7 +14,7 @@ from instructgpt_jax.errors import CheckpointError, ConfigError
 from instructgpt_jax.models import gpt, heads
 from instructgpt_jax.rl import sampling
 from instructgpt_jax.stages import rm
-from instructgpt_jax.train import sharding, steps
+from instructgpt_jax.train import checkpoint, sharding, steps
 from instructgpt_jax.train.state import FROZEN_KEY, make_optimizer
 from test_sft import experiment_config, save_initial_model, stage_config, write_tokenizer
 from test_train import LAYOUTS, assert_same_update, stage_step_on_devices
@@ -165,7 +165,7 @@ def test_loglik_score_adds_the_weighted_log_likelihood_of_the_response_only(logl
         model.apply({"params": params}, tokens, jnp.array([5]))
 
 
-def test_sft_loglik_score_reads_the_frozen_copy_which_no_rm_step_changes(env):
+def test_sft_loglik_score_reads_the_frozen_copy_which_no_rm_step_changes(env, tmp_path):
     c = stage_config("rm", *env)
     c.optim.lr = 3e-3
     model = heads.RewardModel(gpt.GPTConfig.from_config(c.model), score="final_token+sft_loglik")
@@ -199,6 +199,12 @@ def test_sft_loglik_score_reads_the_frozen_copy_which_no_rm_step_changes(env):
     trained = sum(x.size for k, v in params.items() if k != FROZEN_KEY for x in jax.tree.leaves(v) if x.ndim > 0)
     moments = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(state.opt_state)) if x.ndim > 0)
     assert moments == 2 * trained
+    # a state holding no moments for the frozen copy saves and restores (resuming an interrupted RM run)
+    ck = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    ck.save(3, state)
+    abstract = sharding.abstract_init(init, mesh, sharding.rules(c), jax.random.PRNGKey(0))[0]
+    restored, _ = ck.restore(abstract)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
 
 
 def test_reward_record_carries_the_score_form_and_folds_into_the_value_head(tmp_path, loglik_model):
