@@ -9,9 +9,7 @@ as written; "compile" wraps the forward pass in torch.compile (Inductor; the bac
 """
 from __future__ import annotations
 
-import statistics
-import time
-
+from instructgpt_jax.bench import common
 from instructgpt_jax.errors import UserError
 from instructgpt_jax.models import gpt
 
@@ -113,18 +111,7 @@ def make_step(cfg: gpt.GPTConfig, optim_cfg, tokens, mode: str):
 
 
 def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
-    """Throughput of PyTorch's n x n x n float32 matmul: PyTorch's own peak on this machine, for comparison."""
-    torch = import_torch()
-    a = torch.randn(n, n)
-    for _ in range(2):
-        a @ a
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return 2.0 * n ** 3 / statistics.median(times)
-
-
-def version() -> str:
-    return import_torch().__version__
+    """Throughput of PyTorch's n x n x n float32 matmul (timed as common.matmul_flops_per_s times XLA's):
+    PyTorch's own peak on this machine, for comparison."""
+    a = import_torch().randn(n, n)
+    return 2.0 * n ** 3 / common.time_call(lambda: a @ a, repeats=repeats, warmup=2)["median_s"]

@@ -148,7 +148,7 @@ def run(args) -> list[dict]:
     rows = []
     for (framework, chunk), timing in timings.items():
         achieved = flops / timing["median_s"]
-        framework_peak = np.mean(own_peak[framework])
+        framework_peak, scratch_bytes = np.mean(own_peak[framework]), scratch.get((framework, chunk))
         rows.append({
             "framework": framework if framework != "jax" else f"jax {jax.__version__}",
             "model": c.model.size if args.size else "8L-512", "params_M": gpt.count_params(cfg) / 1e6,
@@ -163,7 +163,7 @@ def run(args) -> list[dict]:
             # against the same framework's own matmul: how the PyTorch figure of 0.7-0.8 is meant
             "own_matmul_gflops": framework_peak / 1e9, "own_utilisation": achieved / framework_peak,
             "mfu": achieved / peak_kind if peak_kind else None,
-            "scratch_MB": None if scratch.get((framework, chunk)) is None else scratch[(framework, chunk)] / 2**20,
+            "scratch_MB": None if scratch_bytes is None else scratch_bytes / 2**20,
             "times_ms": [round(1e3 * t, 1) for t in timing["times_s"]],  # JSON only: the spread of the median
         })
     hidden = {"times_ms"} | (set() if args.reference else {"framework", "own_matmul_gflops", "own_utilisation"})
